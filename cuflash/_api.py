@@ -1,0 +1,463 @@
+"""The public functions: validation, defaults, dispatch to the reference or the kernels."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import secrets
+
+import numpy as np
+
+from . import _interop, reference
+from ._interop import describe
+
+_MAX_HEADDIM = 256
+
+
+class _Checked:
+    """Validated arguments of one call."""
+
+    __slots__ = ("kind", "device", "dtype", "batch", "seqlen_q", "seqlen_k", "nheads", "nheads_k",
+                 "headdim", "scale", "window", "causal", "softcap", "dropout_p", "seed", "alibi_info")
+
+
+# ---- option checks ---------------------------------------------------------------------------
+
+def _check_bool(name, v):
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"cuflash: {name} must be a bool, got {describe(v)}")
+    return bool(v)
+
+
+def _check_float(name, v, *, lo=None, lo_open=False, hi=None, hi_open=False):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+        raise TypeError(f"cuflash: {name} must be a real number, got {describe(v)}")
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"cuflash: {name} must be finite, got {f}")
+    if lo is not None and (f < lo or (lo_open and f == lo)):
+        raise ValueError(f"cuflash: {name} must be {'>' if lo_open else '>='} {lo}, got {f}")
+    if hi is not None and (f > hi or (hi_open and f == hi)):
+        raise ValueError(f"cuflash: {name} must be {'<' if hi_open else '<='} {hi}, got {f}")
+    return f
+
+
+def _check_window(window_size):
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"cuflash: window_size must be a pair (left, right) of ints, -1 = unbounded; "
+                        f"got {window_size!r}")
+    out = []
+    for side, w in zip(("left", "right"), window_size):
+        if isinstance(w, (bool, np.bool_)) or not isinstance(w, numbers.Integral):
+            raise TypeError(f"cuflash: window_size {side} must be an int, got {describe(w)}")
+        if int(w) < -1:
+            raise ValueError(f"cuflash: window_size {side} must be >= -1 (-1 = unbounded), got {int(w)}")
+        out.append(int(w))
+    return tuple(out)
+
+
+def _check_seed(seed):
+    if seed is None:
+        return secrets.randbits(63)
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"cuflash: seed must be an int or None, got {describe(seed)}")
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"cuflash: seed must be in [0, 2**64), got {int(seed)}")
+    return int(seed)
+
+
+def _options(c: _Checked, *, causal, softmax_scale, window_size, softcap, dropout_p, seed):
+    c.causal = _check_bool("causal", causal)
+    c.window = _check_window(window_size)
+    if c.causal:  # causal is a window whose right edge is the diagonal
+        c.window = (c.window[0], 0 if c.window[1] < 0 else min(c.window[1], 0))
+    c.softcap = _check_float("softcap", softcap, lo=0.0)
+    if isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, (bool, np.bool_)) \
+            and math.isnan(float(dropout_p)):
+        raise ValueError("cuflash: dropout_p must be in [0, 1), got nan")
+    c.dropout_p = _check_float("dropout_p", dropout_p, lo=0.0, hi=1.0, hi_open=True)
+    c.seed = _check_seed(seed) if c.dropout_p > 0 else (0 if seed is None else _check_seed(seed))
+    if softmax_scale is None:
+        c.scale = 1.0 / math.sqrt(c.headdim) if c.headdim > 0 else 1.0
+    else:
+        c.scale = _check_float("softmax_scale", softmax_scale)
+
+
+# ---- array checks --------------------------------------------------------------------------------
+
+def _arrays(named: dict, *, allow_cpu=True):
+    """Check that all named arrays are arrays of one kind on one device; return their infos."""
+    infos = {}
+    first = None
+    for name, x in named.items():
+        kind = _interop.kind_of(x)
+        if kind is None:
+            raise TypeError(f"cuflash: {name} must be a CuPy, NumPy, PyTorch or JAX array (or any DLPack "
+                            f"producer), got {describe(x)}")
+        inf = _interop.info(x, kind)
+        if first is None:
+            first = (name, inf)
+        else:
+            fname, finf = first
+            if inf.kind != finf.kind:
+                raise TypeError(f"cuflash: {name} is a {inf.kind} array but {fname} is a {finf.kind} array; "
+                                "pass arrays of one framework")
+            if inf.device != finf.device:
+                raise ValueError(f"cuflash: {name} is on {inf.device[0]}:{inf.device[1]} but {fname} is on "
+                                 f"{finf.device[0]}:{finf.device[1]}; pass arrays on one device")
+        infos[name] = inf
+    return infos
+
+
+def _check_qkv(c: _Checked, infos: dict):
+    q, k, v = infos["q"], infos["k"], infos["v"]
+    for name in ("q", "k", "v"):
+        inf = infos[name]
+        if len(inf.shape) != 4:
+            raise ValueError(f"cuflash: {name} must be 4-D (batch, seqlen, nheads, headdim), got shape {inf.shape}")
+        if inf.dtype not in _interop.SUPPORTED_DTYPES and not (inf.kind == "numpy" and inf.dtype == "float64"):
+            raise TypeError(f"cuflash: {name} must be float16, bfloat16 or float32, got {inf.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"cuflash: q, k, v must have one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    b, sq, h, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"cuflash: k and v must have the same shape, got k {k.shape} and v {v.shape}")
+    bk, sk, hk, dk = k.shape
+    if bk != b:
+        raise ValueError(f"cuflash: k must have q's batch size {b}, got {bk} (k shape {k.shape})")
+    if dk != d:
+        raise ValueError(f"cuflash: k and v must have q's headdim {d}, got {dk} (k shape {k.shape})")
+    if d > _MAX_HEADDIM or (d < 1 and b * sq * h > 0):
+        raise ValueError(f"cuflash: headdim must be in 1..{_MAX_HEADDIM}, got {d}")
+    if hk == 0 and h > 0 or (hk > 0 and h % hk != 0):
+        raise ValueError(f"cuflash: nheads of q ({h}) must be a multiple of nheads of k and v ({hk}) (MQA/GQA)")
+    for name in ("q", "k", "v"):
+        inf = infos[name]
+        if inf.is_cuda and inf.strides is not None and inf.shape[3] > 1 and inf.strides[3] != 1:
+            raise ValueError(f"cuflash: {name} must be contiguous in its last dimension (headdim), got strides "
+                             f"{inf.strides}; other dimensions may have any strides")
+    c.kind, c.device, c.dtype = q.kind, q.device, q.dtype
+    c.batch, c.seqlen_q, c.nheads, c.headdim = b, sq, h, d
+    c.seqlen_k, c.nheads_k = sk, hk
+
+
+def _check_alibi(c: _Checked, alibi_slopes, q):
+    if alibi_slopes is None:
+        return None
+    inf = _arrays({"q": q, "alibi_slopes": alibi_slopes})["alibi_slopes"]
+    if inf.shape not in ((c.nheads,), (c.batch, c.nheads)):
+        raise ValueError(f"cuflash: alibi_slopes must have shape (nheads,) = ({c.nheads},) or (batch, nheads) = "
+                         f"({c.batch}, {c.nheads}), got {inf.shape}")
+    if inf.dtype != "float32":
+        raise TypeError(f"cuflash: alibi_slopes must be float32, got {inf.dtype}")
+    if inf.strides is not None and inf.strides != tuple(int(np.prod(inf.shape[i + 1:])) for i in range(len(inf.shape))):
+        raise ValueError(f"cuflash: alibi_slopes must be contiguous, got strides {inf.strides}")
+    return inf
+
+
+def _check_out(name, out, c: _Checked, shape, dtype, q):
+    if out is None:
+        return
+    inf = _arrays({"q": q, name: out})[name]
+    if inf.kind == "jax":
+        raise TypeError(f"cuflash: {name}= cannot be a JAX array (JAX arrays are immutable)")
+    if inf.shape != tuple(shape):
+        raise ValueError(f"cuflash: {name} must have shape {tuple(shape)}, got {inf.shape}")
+    if inf.dtype != dtype:
+        raise TypeError(f"cuflash: {name} must have dtype {dtype}, got {inf.dtype}")
+    if inf.is_cuda and inf.strides is not None and shape[-1] > 1 and inf.strides[-1] != 1:
+        raise ValueError(f"cuflash: {name} must be contiguous in its last dimension, got strides {inf.strides}")
+
+
+def _validate(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p, seed,
+              extra_arrays=None) -> _Checked:
+    c = _Checked()
+    named = {"q": q, "k": k, "v": v}
+    named.update(extra_arrays or {})
+    infos = _arrays(named)
+    _check_qkv(c, infos)
+    _options(c, causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+             dropout_p=dropout_p, seed=seed)
+    c.alibi_info = _check_alibi(c, alibi_slopes, q)
+    return c, infos
+
+
+# ---- attention ---------------------------------------------------------------------------------
+
+def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), alibi_slopes=None,
+              softcap=0.0, dropout_p=0.0, seed=None, deterministic=False, return_lse=False, out=None,
+              num_splits=0):
+    """Exact attention ``softmax(q kᵀ · scale) v``, FlashAttention-style, on the inputs' own device.
+
+    Parameters
+    ----------
+    q : array, shape (batch, seqlen_q, nheads, headdim)
+        CuPy, PyTorch or JAX array on a CUDA device (runs on the GPU, the caller's current stream),
+        or a NumPy / CPU PyTorch array (computed by the float64 reference on the CPU).
+        float16 or bfloat16 (fast paths) or float32. Any strides with the last dimension contiguous.
+    k, v : array, shape (batch, seqlen_k, nheads_k, headdim)
+        ``nheads % nheads_k == 0`` (MQA/GQA: query head ``h`` uses key/value head
+        ``h // (nheads // nheads_k)``).
+    causal : bool
+        Causal mask aligned to the bottom-right corner: query ``i`` sees key ``j`` iff
+        ``j <= i + seqlen_k - seqlen_q``. For seqlen_q = 2, seqlen_k = 5 (1 = kept)::
+
+            1 1 1 1 0
+            1 1 1 1 1
+
+        and for seqlen_q = 5, seqlen_k = 2 the first three rows see no key (output 0, lse -inf)::
+
+            0 0
+            0 0
+            0 0
+            1 0
+            1 1
+    softmax_scale : float, optional
+        Defaults to ``1 / sqrt(headdim)``.
+    window_size : (int, int)
+        Sliding window (left, right), -1 = unbounded: query ``i`` sees keys
+        ``i + sk - sq - left <= j <= i + sk - sq + right``.
+    alibi_slopes : array of float32, shape (nheads,) or (batch, nheads), optional
+        Adds ``-slope * |i + seqlen_k - seqlen_q - j|`` to the scores.
+    softcap : float
+        If > 0, scores become ``softcap * tanh(scores / softcap)`` (before ALiBi).
+    dropout_p : float
+        Dropout probability in [0, 1); kept weights are scaled by ``1 / (1 - dropout_p)``.
+    seed : int, optional
+        Seed of the dropout mask (a pure function of seed, batch, head, i, j). None draws one.
+    deterministic : bool
+        Forward is always deterministic; accepted for symmetry with the backward.
+    return_lse : bool
+        Also return the log-sum-exp of each row, float32, shape (batch, nheads, seqlen_q).
+    out : array, optional
+        Where to write the output: q's shape and dtype, same framework and device.
+    num_splits : int
+        Split-KV factor (0 = choose automatically).
+
+    Returns
+    -------
+    out : array, shape (batch, seqlen_q, nheads, headdim)
+        In q's array type, dtype and device. With ``return_lse=True``, ``(out, lse)``.
+    """
+    c, infos = _validate(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                         alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed)
+    _check_bool("deterministic", deterministic)
+    _check_bool("return_lse", return_lse)
+    if isinstance(num_splits, (bool, np.bool_)) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        raise ValueError(f"cuflash: num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    _check_out("out", out, c, (c.batch, c.seqlen_q, c.nheads, c.headdim), c.dtype, q)
+
+    if not infos["q"].is_cuda:
+        return _attention_cpu(c, q, k, v, alibi_slopes, out, return_lse)
+    return _attention_cuda(c, q, k, v, alibi_slopes, out, return_lse, int(num_splits))
+
+
+def _dropout_mask(c: _Checked):
+    if c.dropout_p == 0:
+        return None
+    return reference.dropout_mask(c.seed, c.batch, c.nheads, c.seqlen_q, c.seqlen_k, c.dropout_p)
+
+
+def _attention_cpu(c, q, k, v, alibi_slopes, out, return_lse):
+    kind = c.kind
+    qn, kn, vn = (_interop.to_numpy(x, kind) for x in (q, k, v))
+    slopes = None if alibi_slopes is None else np.asarray(_interop.to_numpy(alibi_slopes, kind), np.float64)
+    o, lse = reference.attention(qn, kn, vn, causal=False, softmax_scale=c.scale, window_size=c.window,
+                                 alibi_slopes=slopes, softcap=c.softcap, dropout_p=c.dropout_p,
+                                 dropout_mask=_dropout_mask(c), return_lse=True)
+    res = _interop.from_numpy(o, kind, q, c.dtype)
+    if out is not None:
+        _copy_into(out, res, kind)
+        res = out
+    if return_lse:
+        return res, _interop.from_numpy(lse, kind, q, "float32")
+    return res
+
+
+def _copy_into(out, res, kind):
+    if kind == "torch":
+        out.copy_(res)
+    else:
+        out[...] = res
+
+
+class _Device:
+    """Context of one CUDA call: device, stream, allocator, CuPy views."""
+
+    def __init__(self, c: _Checked, like):
+        import cupy
+
+        self.cupy = cupy
+        self.kind = c.kind
+        self.device_id = c.device[1]
+        self.dev = cupy.cuda.Device(self.device_id)
+        self.stream = _interop.current_stream(c.kind, self.device_id)
+        self.alloc = _interop.Allocator(c.kind, like, self.device_id)
+
+    def __enter__(self):
+        self.dev.__enter__()
+        self.stream.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.stream.__exit__(*exc)
+        self.dev.__exit__(*exc)
+
+    def view(self, x):
+        return None if x is None else _interop.as_cupy(x, self.kind)
+
+    def out(self, shape, dtype, given=None):
+        """(native, view) of an output: the caller's ``out=`` if given, else a fresh allocation."""
+        if given is not None:
+            return given, self.view(given)
+        return self.alloc.empty(shape, dtype)
+
+    def back(self, native):
+        return _interop.to_caller(native, self.kind, self.stream)
+
+
+def _run(c: _Checked, ctx: _Device, qv, kv, vv, alibi_v, **kw):
+    from . import _compile, _launch
+
+    return _launch.Run(device_id=ctx.device_id, arch=_compile.device_arch(ctx.device_id), stream=ctx.stream,
+                       dtype=c.dtype, q=qv, k=kv, v=vv, alibi=alibi_v, causal=c.causal,
+                       softmax_scale=c.scale, window=c.window, softcap=c.softcap, dropout_p=c.dropout_p,
+                       seed=c.seed, empty=ctx.alloc.scratch, **kw)
+
+
+def _attention_cuda(c, q, k, v, alibi_slopes, out, return_lse, num_splits):
+    from . import _launch
+
+    with _Device(c, q) as ctx:
+        o_native, o = ctx.out((c.batch, c.seqlen_q, c.nheads, c.headdim), c.dtype, out)
+        lse_native, lse = ctx.alloc.empty((c.batch, c.nheads, c.seqlen_q), "float32")
+        if o.size == 0 or lse.size == 0:
+            if lse.size:
+                lse.fill(-np.inf)  # no key at all: every row is fully masked
+            if o.size:
+                o.fill(0)
+        else:
+            run = _run(c, ctx, ctx.view(q), ctx.view(k), ctx.view(v), ctx.view(alibi_slopes),
+                       out=o, lse=lse, num_splits=num_splits)
+            _launch.forward(run)
+        res = ctx.back(o_native) if out is None else out
+        if return_lse:
+            return res, ctx.back(lse_native)
+        return res
+
+
+# ---- backward ---------------------------------------------------------------------------------
+
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window_size=(-1, -1),
+                       alibi_slopes=None, softcap=0.0, dropout_p=0.0, seed=None, deterministic=False,
+                       dq=None, dk=None, dv=None):
+    """Gradients of :func:`attention`: ``(dq, dk, dv)`` for the upstream gradient ``dout``.
+
+    Parameters
+    ----------
+    dout, out : array, shape (batch, seqlen_q, nheads, headdim)
+        Upstream gradient and the forward's output (q's dtype).
+    q, k, v : arrays as in :func:`attention`.
+    lse : array of float32, shape (batch, nheads, seqlen_q)
+        The forward's log-sum-exp (``attention(..., return_lse=True)``).
+    dq, dk, dv : arrays, optional
+        Where to write the gradients (shapes and dtypes of q, k, v).
+    Other options must be those of the forward call (with dropout: the same ``seed``).
+
+    Returns
+    -------
+    (dq, dk, dv) in the inputs' array type.
+    """
+    if dropout_p and seed is None:
+        raise ValueError("cuflash: attention_backward with dropout_p > 0 needs the forward's seed (got None)")
+    c, infos = _validate(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                         alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed,
+                         extra_arrays={"dout": dout, "out": out, "lse": lse})
+    _check_bool("deterministic", deterministic)
+    qshape = (c.batch, c.seqlen_q, c.nheads, c.headdim)
+    for name in ("dout", "out"):
+        inf = infos[name]
+        if inf.shape != qshape:
+            raise ValueError(f"cuflash: {name} must have q's shape {qshape}, got {inf.shape}")
+        if inf.dtype != c.dtype:
+            raise TypeError(f"cuflash: {name} must have q's dtype {c.dtype}, got {inf.dtype}")
+        if inf.is_cuda and inf.strides is not None and c.headdim > 1 and inf.strides[3] != 1:
+            raise ValueError(f"cuflash: {name} must be contiguous in its last dimension, got strides {inf.strides}")
+    linf = infos["lse"]
+    if linf.shape != (c.batch, c.nheads, c.seqlen_q):
+        raise ValueError(f"cuflash: lse must have shape (batch, nheads, seqlen_q) = "
+                         f"{(c.batch, c.nheads, c.seqlen_q)}, got {linf.shape}")
+    if linf.dtype != "float32" and not (linf.kind == "numpy" and linf.dtype == "float64"):
+        raise TypeError(f"cuflash: lse must be float32, got {linf.dtype}")
+    kshape = (c.batch, c.seqlen_k, c.nheads_k, c.headdim)
+    _check_out("dq", dq, c, qshape, c.dtype, q)
+    _check_out("dk", dk, c, kshape, c.dtype, q)
+    _check_out("dv", dv, c, kshape, c.dtype, q)
+
+    if not infos["q"].is_cuda:
+        return _backward_cpu(c, dout, q, k, v, out, lse, alibi_slopes, dq, dk, dv)
+    return _backward_cuda(c, dout, q, k, v, out, lse, alibi_slopes, bool(deterministic), dq, dk, dv)
+
+
+def _backward_cpu(c, dout, q, k, v, out, lse, alibi_slopes, dq, dk, dv):
+    kind = c.kind
+    arrs = [_interop.to_numpy(x, kind) for x in (dout, q, k, v, out, lse)]
+    slopes = None if alibi_slopes is None else np.asarray(_interop.to_numpy(alibi_slopes, kind), np.float64)
+    grads = reference.attention_backward(*arrs, causal=False, softmax_scale=c.scale, window_size=c.window,
+                                         alibi_slopes=slopes, softcap=c.softcap, dropout_p=c.dropout_p,
+                                         dropout_mask=_dropout_mask(c))
+    res = []
+    for g, given in zip(grads, (dq, dk, dv)):
+        r = _interop.from_numpy(g, kind, q, c.dtype)
+        if given is not None:
+            _copy_into(given, r, kind)
+            r = given
+        res.append(r)
+    return tuple(res)
+
+
+def _backward_cuda(c, dout, q, k, v, out, lse, alibi_slopes, deterministic, dq, dk, dv):
+    from . import _launch
+
+    with _Device(c, q) as ctx:
+        qshape = (c.batch, c.seqlen_q, c.nheads, c.headdim)
+        kshape = (c.batch, c.seqlen_k, c.nheads_k, c.headdim)
+        dq_n, dq_v = ctx.out(qshape, c.dtype, dq)
+        dk_n, dk_v = ctx.out(kshape, c.dtype, dk)
+        dv_n, dv_v = ctx.out(kshape, c.dtype, dv)
+        if dq_v.size + dk_v.size == 0:
+            pass
+        elif c.seqlen_q == 0 or c.seqlen_k == 0 or c.nheads == 0:
+            for g in (dq_v, dk_v, dv_v):
+                if g.size:
+                    g.fill(0)
+        else:
+            run = _run(c, ctx, ctx.view(q), ctx.view(k), ctx.view(v), ctx.view(alibi_slopes),
+                       out=ctx.view(out), lse=ctx.view(lse), dout=ctx.view(dout), dq=dq_v, dk=dk_v, dv=dv_v,
+                       deterministic=deterministic)
+            _launch.backward(run)
+        return tuple(ctx.back(n) if given is None else given for n, given in ((dq_n, dq), (dk_n, dk), (dv_n, dv)))
+
+
+# ---- flash_attn drop-in ------------------------------------------------------------------------
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """Drop-in for ``flash_attn.flash_attn_func`` (same positional order and keywords).
+
+    Differentiable for PyTorch tensors that require grad. With ``return_attn_probs=True`` returns
+    ``(out, softmax_lse, S_dmask)`` like flash-attn (``S_dmask`` is only meaningful for testing).
+    """
+    if q.__class__.__module__.split(".")[0] == "torch":
+        from . import torch as _torch
+
+        return _torch.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                                      deterministic=deterministic, return_attn_probs=return_attn_probs)
+    res = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                    alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
+                    deterministic=deterministic, return_lse=return_attn_probs)
+    if return_attn_probs:
+        o, lse = res
+        return o, lse, None
+    return res

@@ -1,0 +1,160 @@
+"""Kernel launches: the ``Params`` struct on the host, and grid/launch of each kernel family.
+
+``PARAMS_FIELDS`` mirrors ``struct Params`` of ``kernels_cu/params.cuh`` field for field (a CPU test
+parses the header and compares). A launch fills one NumPy structured scalar and CuPy passes its
+bytes as the kernel's single by-value argument.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _compile, _config
+
+_log = logging.getLogger("cuflash")
+
+_P, _I64, _U64, _I32, _F32, _U32 = "u8", "i8", "u8", "i4", "f4", "u4"
+
+PARAMS_FIELDS: list[tuple[str, str]] = (
+    [(n, _P) for n in ("q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv", "dq_accum", "dsum",
+                       "dk_accum", "dv_accum", "alibi", "o_partial", "lse_partial", "counters")]
+    + [(f"{t}_{s}_stride", _I64) for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv")
+       for s in ("batch", "row", "head")]
+    + [("alibi_batch_stride", _I64), ("seed", _U64), ("rng_offset", _U64)]
+    + [(n, _I32) for n in ("batch", "nheads", "nheads_k", "seqlen_q", "seqlen_k", "headdim",
+                           "window_left", "window_right")]
+    + [(n, _F32) for n in ("scale", "scale_log2", "softcap", "dropout_p", "dropout_scale")]
+    + [("dropout_threshold", _U32)]
+    + [(n, _I32) for n in ("num_splits", "deterministic", "flags", "pad0")]
+)
+PARAMS_DTYPE = np.dtype({"names": [n for n, _ in PARAMS_FIELDS],
+                         "formats": [t for _, t in PARAMS_FIELDS]}, align=True)
+
+# C++ type of each supported dtype, for name expressions.
+CTYPES = {"float16": "cuflash::half_t", "bfloat16": "cuflash::bf16_t", "float32": "float"}
+
+
+def ptr(a) -> int:
+    return 0 if a is None else int(a.data.ptr)
+
+
+def strides3(a) -> tuple[int, int, int]:
+    """(batch, row, head) strides in elements of a (batch, seqlen, heads, headdim) CuPy array."""
+    isz = a.itemsize
+    return a.strides[0] // isz, a.strides[1] // isz, a.strides[2] // isz
+
+
+@dataclass
+class Run:
+    """Everything one launch needs: CuPy views of the caller's memory, options, the device."""
+
+    device_id: int
+    arch: str
+    stream: object                 # cupy stream (the caller's current stream)
+    dtype: str                     # "float16" | "bfloat16" | "float32"
+    q: object
+    k: object
+    v: object
+    out: object = None
+    lse: object = None
+    dout: object = None
+    dq: object = None
+    dk: object = None
+    dv: object = None
+    alibi: object = None
+    causal: bool = False
+    softmax_scale: float = 1.0
+    window: tuple[int, int] = (-1, -1)   # normalised: causal folded into window[1] = 0
+    softcap: float = 0.0
+    dropout_p: float = 0.0
+    seed: int = 0
+    rng_offset: int = 0
+    deterministic: bool = False
+    num_splits: int = 0
+    path: str | None = None        # filled by dispatch: "portable" | "sm80" | "sm90"
+    scratch: dict = field(default_factory=dict)
+    empty: object = None           # allocator: empty(shape, dtype_str) -> CuPy array (caller's framework)
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def seqlen_q(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def nheads(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def headdim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def seqlen_k(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nheads_k(self) -> int:
+        return self.k.shape[2]
+
+    def params(self, **extra) -> np.void:
+        """The ``Params`` struct for this run (pointers, strides, sizes, options)."""
+        p = np.zeros((), dtype=PARAMS_DTYPE)
+        for name in ("q", "k", "v", "dout", "dq", "dk", "dv"):
+            a = getattr(self, name)
+            p[name] = ptr(a)
+        p["o"] = ptr(self.out)
+        p["lse"] = ptr(self.lse)
+        p["alibi"] = ptr(self.alibi)
+        for prefix, a in (("q", self.q), ("k", self.k), ("v", self.v), ("o", self.out),
+                          ("do", self.dout), ("dq", self.dq), ("dk", self.dk), ("dv", self.dv)):
+            if a is not None:
+                s = strides3(a)
+                p[f"{prefix}_batch_stride"], p[f"{prefix}_row_stride"], p[f"{prefix}_head_stride"] = s
+        if self.alibi is not None:
+            p["alibi_batch_stride"] = self.nheads if self.alibi.ndim == 2 else 0
+        p["batch"], p["seqlen_q"], p["nheads"], p["headdim"] = self.q.shape
+        p["seqlen_k"], p["nheads_k"] = self.k.shape[1], self.k.shape[2]
+        p["window_left"], p["window_right"] = self.window
+        p["scale"] = self.softmax_scale
+        p["scale_log2"] = self.softmax_scale * math.log2(math.e)
+        p["softcap"] = self.softcap
+        p["dropout_p"] = self.dropout_p
+        p["dropout_scale"] = 1.0 / (1.0 - self.dropout_p)
+        p["dropout_threshold"] = min(int(round(self.dropout_p * 2.0**32)), 2**32 - 1)
+        p["seed"], p["rng_offset"] = self.seed, self.rng_offset
+        p["num_splits"] = max(1, self.num_splits)
+        p["deterministic"] = int(self.deterministic)
+        for key, val in extra.items():
+            p[key] = val
+        return p
+
+
+def launch(run: Run, filename: str, name: str, grid, block, params, smem: int = 0) -> None:
+    """Launch one kernel of ``kernels_cu/<filename>`` on the run's device and stream."""
+    fn = _compile.get_function(filename, name, run.device_id, dynamic_smem=smem)
+    _log.debug("cuflash: launch %s grid=%s block=%s smem=%d", name, tuple(grid), tuple(block), smem)
+    with run.stream:
+        fn(tuple(grid), tuple(block), (params,), shared_mem=smem)
+
+
+# ---- forward -------------------------------------------------------------------------------------
+
+def forward_portable(run: Run) -> None:
+    cfg = _config.portable_forward(run.headdim)
+    name = f"cuflash::fwd_portable<{CTYPES[run.dtype]}, {cfg.headdim_bucket}>"
+    grid = (-(-run.seqlen_q // cfg.block_m), run.nheads, run.batch)
+    launch(run, "fwd_portable.cu", name, grid, (cfg.threads,), run.params(), cfg.smem)
+
+
+def forward(run: Run) -> None:
+    """Pick the forward path for this run and launch it (``run.path`` says which ran)."""
+    run.path = "portable"
+    _log.debug("cuflash: forward path=%s dtype=%s headdim=%d", run.path, run.dtype, run.headdim)
+    forward_portable(run)

@@ -1,0 +1,61 @@
+"""``cuflash.precompile``: compile kernel variants ahead of time (e.g. while building an image)."""
+
+from __future__ import annotations
+
+
+def all_variants() -> list[tuple[str, str]]:
+    """Every (file, name expression) the dispatcher can pick, over all paths."""
+    from . import _config
+
+    out = list(_config.portable_forward_variants())
+    try:
+        from ._launch_bwd import backward_portable_variants
+        out += backward_portable_variants()
+    except ImportError:
+        pass
+    try:
+        from ._launch_sm80 import variants as sm80_variants
+        out += sm80_variants()
+    except ImportError:
+        pass
+    return out
+
+
+def precompile(archs=None, *, dtypes=None, progress=True, files=None) -> int:
+    """Compile every kernel variant into the on-disk cache; returns how many variants.
+
+    Parameters
+    ----------
+    archs : sequence of str, optional
+        NVRTC targets such as ``("sm_80", "sm_90a")``. Default: the current GPU's, or, with no GPU,
+        ``("sm_80", "sm_90a")``. No GPU is needed to compile.
+    dtypes : sequence of str, optional
+        Restrict to variants whose name mentions these C++ types (e.g. ``("bf16_t",)``).
+    progress : bool
+        Show a tqdm progress bar.
+    files : sequence of str, optional
+        Restrict to these kernel files.
+    """
+    from . import _compile
+
+    if archs is None:
+        try:
+            import cupy
+
+            archs = (_compile.device_arch(cupy.cuda.runtime.getDevice()),)
+        except Exception:
+            archs = ("sm_80", "sm_90a")
+    variants = all_variants()
+    if dtypes:
+        variants = [v for v in variants if any(d in v[1] for d in dtypes)]
+    if files:
+        variants = [v for v in variants if v[0] in files]
+    jobs = [(a, f, n) for a in archs for f, n in variants]
+    it = jobs
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(jobs, desc="cuflash precompile", unit="kernel")
+    for arch, f, n in it:
+        _compile.compile_cubin(f, (n,), arch)
+    return len(jobs)
