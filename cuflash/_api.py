@@ -115,7 +115,7 @@ def _check_qkv(c: _Checked, infos: dict):
         inf = infos[name]
         if len(inf.shape) != 4:
             raise ValueError(f"cuflash: {name} must be 4-D (batch, seqlen, nheads, headdim), got shape {inf.shape}")
-        if inf.dtype not in _interop.SUPPORTED_DTYPES and not (inf.kind == "numpy" and inf.dtype == "float64"):
+        if inf.dtype not in _interop.SUPPORTED_DTYPES and not (not inf.is_cuda and inf.dtype == "float64"):
             raise TypeError(f"cuflash: {name} must be float16, bfloat16 or float32, got {inf.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"cuflash: q, k, v must have one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
@@ -239,6 +239,32 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     out : array, shape (batch, seqlen_q, nheads, headdim)
         In q's array type, dtype and device. With ``return_lse=True``, ``(out, lse)``.
     """
+    if out is None and _torch_autograd_wanted(q, k, v):
+        from . import torch as _torch
+
+        _check_bool("return_lse", return_lse)
+        return _torch.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                                alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed,
+                                deterministic=deterministic, return_lse=return_lse)
+    return _attention_impl(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                           alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed,
+                           deterministic=deterministic, return_lse=return_lse, out=out, num_splits=num_splits)
+
+
+def _torch_autograd_wanted(*xs) -> bool:
+    """Torch tensors that need a gradient, or any torch tensor while torch.compile traces."""
+    if type(xs[0]).__module__.split(".", 1)[0] != "torch":
+        return False
+    import sys
+
+    torch = sys.modules["torch"]
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in xs)
+
+
+def _attention_impl(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p, seed,
+                    deterministic, return_lse, out, num_splits):
     c, infos = _validate(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                          alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed)
     _check_bool("deterministic", deterministic)
@@ -387,7 +413,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     if linf.shape != (c.batch, c.nheads, c.seqlen_q):
         raise ValueError(f"cuflash: lse must have shape (batch, nheads, seqlen_q) = "
                          f"{(c.batch, c.nheads, c.seqlen_q)}, got {linf.shape}")
-    if linf.dtype != "float32" and not (linf.kind == "numpy" and linf.dtype == "float64"):
+    if linf.dtype != "float32" and not (not linf.is_cuda and linf.dtype == "float64"):
         raise TypeError(f"cuflash: lse must be float32, got {linf.dtype}")
     kshape = (c.batch, c.seqlen_k, c.nheads_k, c.headdim)
     _check_out("dq", dq, c, qshape, c.dtype, q)

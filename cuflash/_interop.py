@@ -161,6 +161,9 @@ def current_stream(kind: str, device_id: int):
     if kind == "torch":
         torch = sys.modules["torch"]
         s = torch.cuda.current_stream(device_id)
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        if from_external is not None and hasattr(s, "__cuda_stream__"):
+            return from_external(s)  # CUDA stream protocol (CuPy >= 14)
         return cupy.cuda.ExternalStream(int(s.cuda_stream), device_id)
     with cupy.cuda.Device(device_id):
         return cupy.cuda.get_current_stream()
