@@ -153,8 +153,27 @@ def forward_portable(run: Run) -> None:
     launch(run, "fwd_portable.cu", name, grid, (cfg.threads,), run.params(), cfg.smem)
 
 
+def _no_dropout_yet(run: Run) -> None:
+    if run.dropout_p > 0:
+        raise NotImplementedError("cuflash: dropout on the GPU is not implemented yet (the CPU reference has it)")
+
+
 def forward(run: Run) -> None:
     """Pick the forward path for this run and launch it (``run.path`` says which ran)."""
+    _no_dropout_yet(run)
     run.path = "portable"
     _log.debug("cuflash: forward path=%s dtype=%s headdim=%d", run.path, run.dtype, run.headdim)
     forward_portable(run)
+
+
+# ---- backward ------------------------------------------------------------------------------------
+
+def backward(run: Run) -> None:
+    """Pick the backward path for this run and launch it."""
+    from ._launch_bwd import backward_portable
+
+    _no_dropout_yet(run)
+    run.path = "portable"
+    _log.debug("cuflash: backward path=%s dtype=%s headdim=%d deterministic=%s", run.path, run.dtype,
+               run.headdim, run.deterministic)
+    backward_portable(run)
