@@ -136,6 +136,10 @@ class Run:
         return p
 
 
+def _cbool(b: bool) -> str:
+    return "true" if b else "false"
+
+
 def launch(run: Run, filename: str, name: str, grid, block, params, smem: int = 0) -> None:
     """Launch one kernel of ``kernels_cu/<filename>`` on the run's device and stream."""
     fn = _compile.get_function(filename, name, run.device_id, dynamic_smem=smem)
@@ -148,19 +152,13 @@ def launch(run: Run, filename: str, name: str, grid, block, params, smem: int = 
 
 def forward_portable(run: Run) -> None:
     cfg = _config.portable_forward(run.headdim)
-    name = f"cuflash::fwd_portable<{CTYPES[run.dtype]}, {cfg.headdim_bucket}>"
+    name = f"cuflash::fwd_portable<{CTYPES[run.dtype]}, {cfg.headdim_bucket}, {_cbool(run.dropout_p > 0)}>"
     grid = (-(-run.seqlen_q // cfg.block_m), run.nheads, run.batch)
     launch(run, "fwd_portable.cu", name, grid, (cfg.threads,), run.params(), cfg.smem)
 
 
-def _no_dropout_yet(run: Run) -> None:
-    if run.dropout_p > 0:
-        raise NotImplementedError("cuflash: dropout on the GPU is not implemented yet (the CPU reference has it)")
-
-
 def forward(run: Run) -> None:
     """Pick the forward path for this run and launch it (``run.path`` says which ran)."""
-    _no_dropout_yet(run)
     run.path = "portable"
     _log.debug("cuflash: forward path=%s dtype=%s headdim=%d", run.path, run.dtype, run.headdim)
     forward_portable(run)
@@ -172,7 +170,8 @@ def backward(run: Run) -> None:
     """Pick the backward path for this run and launch it."""
     from ._launch_bwd import backward_portable
 
-    _no_dropout_yet(run)
+    if run.dropout_p > 0:
+        raise NotImplementedError("cuflash: dropout in the GPU backward is not implemented yet")
     run.path = "portable"
     _log.debug("cuflash: backward path=%s dtype=%s headdim=%d deterministic=%s", run.path, run.dtype,
                run.headdim, run.deterministic)

@@ -272,7 +272,12 @@ def _prepare(q, k, v, causal, softmax_scale, window_size, alibi_slopes,
         slopes = slopes.reshape(B, Hk, G, 1, 1)
 
     dmask = None
-    if dropout_mask is not None:
+    if isinstance(dropout_mask, DropoutMask):
+        if dropout_mask.shape != (B, H, Sq, Sk):
+            raise ValueError(f"dropout_mask of shape {dropout_mask.shape} does not match "
+                             f"(batch, nheads, seqlen_q, seqlen_k) = {(B, H, Sq, Sk)}")
+        dmask = dropout_mask.grouped(Hk, G)  # computed block by block, never materialised whole
+    elif dropout_mask is not None:
         m = np.asarray(dropout_mask).astype(bool, copy=False)
         try:
             m = np.broadcast_to(m, (B, H, Sq, Sk))
@@ -633,3 +638,103 @@ dropout_mask, block_size
             dk[:, :, j0:j1] += (np.matmul(ds.swapaxes(-1, -2), qb).sum(axis=2)
                                 * p.scale)
     return _finish_grads(p, dq, dk, dv)
+
+
+# ---- dropout: the kernels' counter-based generator, bit for bit --------------------------------------
+
+_PHILOX_M0, _PHILOX_M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+_PHILOX_W0, _PHILOX_W1 = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
+
+
+def philox4x32_10(counter, key):
+    """Philox-4x32-10 on arrays: ``counter`` 4 uint32 arrays, ``key`` 2 uint32 arrays -> 4 uint32 arrays.
+
+    The same generator as ``kernels_cu/philox.cuh`` (checked against the Random123 known answers).
+    """
+    c0, c1, c2, c3 = (np.asarray(x, np.uint32) for x in counter)
+    k0, k1 = (np.asarray(x, np.uint32) for x in key)
+    with np.errstate(over="ignore"):
+        for r in range(10):
+            if r:
+                k0 = (k0 + _PHILOX_W0).astype(np.uint32)
+                k1 = (k1 + _PHILOX_W1).astype(np.uint32)
+            p0 = _PHILOX_M0 * c0.astype(np.uint64)
+            p1 = _PHILOX_M1 * c2.astype(np.uint64)
+            hi0, lo0 = (p0 >> np.uint64(32)).astype(np.uint32), p0.astype(np.uint32)
+            hi1, lo1 = (p1 >> np.uint64(32)).astype(np.uint32), p1.astype(np.uint32)
+            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """Keep iff the 32-bit draw >= this threshold (probability 1 - p)."""
+    return min(int(round(float(p) * 2.0**32)), 2**32 - 1)
+
+
+def _dropout_block(seed, offset, nheads, p, b_idx, h_idx, i0, i1, j0, j1):
+    """Keep mask (len(b_idx), len(h_idx), i1-i0, j1-j0) for absolute rows i0:i1, keys j0:j1."""
+    b = np.asarray(b_idx, np.int64)[:, None, None, None]
+    h = np.asarray(h_idx, np.int64)[None, :, None, None]
+    i = np.arange(i0, i1, dtype=np.int64)[None, None, :, None]
+    j = np.arange(j0, j1, dtype=np.int64)[None, None, None, :]
+    seed, offset = int(seed), int(offset)
+    counter = (j >> 2, i, b * nheads + h, np.int64(offset & 0xFFFFFFFF))
+    key = (seed & 0xFFFFFFFF, ((seed >> 32) ^ (offset >> 32)) & 0xFFFFFFFF)
+    words = philox4x32_10(np.broadcast_arrays(*counter), key)
+    sel = (j & 3)
+    draw = np.choose(np.broadcast_to(sel, words[0].shape), words)
+    return draw >= np.uint32(dropout_threshold(p))
+
+
+class DropoutMask:
+    """The kernels' dropout keep-mask (True = kept) as a lazy (batch, nheads, seqlen_q, seqlen_k) array.
+
+    Slicing computes only the requested block; ``np.asarray(mask)`` materialises all of it.
+    """
+
+    def __init__(self, seed, batch, nheads, seqlen_q, seqlen_k, p, offset=0):
+        self.seed, self.offset, self.p = int(seed), int(offset), float(p)
+        self.shape = (int(batch), int(nheads), int(seqlen_q), int(seqlen_k))
+        self._group = None  # (Hk, G) when viewed grouped
+
+    def grouped(self, hk, g):
+        m = DropoutMask(self.seed, *self.shape, self.p, self.offset)
+        m._group = (hk, g)
+        return m
+
+    def _block(self, bs, hs, i0, i1, j0, j1):
+        return _dropout_block(self.seed, self.offset, self.shape[1], self.p, bs, hs, i0, i1, j0, j1)
+
+    def __getitem__(self, idx):
+        B, H, Sq, Sk = self.shape
+        if self._group is None:
+            b, h, i, j = (idx + (slice(None),) * 4)[:4]
+            bs, hs = range(B)[b], range(H)[h]
+            i0, i1, _ = i.indices(Sq)
+            j0, j1, _ = j.indices(Sk)
+            return self._block(list(bs), list(hs), i0, i1, j0, j1)
+        hk, g = self._group
+        b, kh, gi, i, j = idx
+        assert b == kh == gi == slice(None), "grouped dropout masks are sliced along seqlens only"
+        i0, i1, _ = i.indices(Sq)
+        j0, j1, _ = j.indices(Sk)
+        m = self._block(list(range(B)), list(range(H)), i0, i1, j0, j1)
+        return m.reshape(B, hk, g, i1 - i0, j1 - j0)
+
+    def __array__(self, dtype=None, copy=None):
+        m = self[:, :, :, :] if self._group is None else None
+        if m is None:
+            B, H, Sq, Sk = self.shape
+            m = self._block(list(range(B)), list(range(H)), 0, Sq, 0, Sk).reshape(
+                B, self._group[0], self._group[1], Sq, Sk)
+        return m if dtype is None else m.astype(dtype)
+
+
+def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, offset=0):
+    """The kernels' dropout mask for (seed, offset): bool (batch, nheads, seqlen_q, seqlen_k), True = kept.
+
+    Element (b, h, i, j) is kept iff word ``j % 4`` of Philox-4x32-10 with counter
+    ``(j // 4, i, b * nheads + h, offset mod 2**32)`` and key ``(seed mod 2**32, (seed >> 32) ^ (offset >> 32))``
+    is ``>= round(p * 2**32)``. The result is lazy: slice it, or ``np.asarray`` it for the whole matrix.
+    """
+    return DropoutMask(seed, batch, nheads, seqlen_q, seqlen_k, p, offset)

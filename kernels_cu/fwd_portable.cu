@@ -10,6 +10,7 @@
 // Online softmax in the log2 domain: running max m, running sum l, accumulator rescaled by
 // exp2(m_old - m_new) when the max grows; the division by l is deferred to the end.
 #include "mask.cuh"
+#include "philox.cuh"
 
 namespace cuflash {
 
@@ -21,10 +22,12 @@ struct PortableFwdTraits {
     static constexpr int kCols = D / 4;                // head-dim columns per thread
     static constexpr int kSmemBytes = 2 * kBN * D * (int)sizeof(float);  // K and V tiles
     static_assert(D % 4 == 0 && D <= 256, "head dim bucket must be a multiple of 4, at most 256");
+    static_assert(kBN % 4 == 0, "dropout draws 4 keys per Philox call: tiles are multiples of 4 keys");
     static_assert(kSmemBytes <= 48 * 1024, "portable forward must fit the default shared memory");
 };
 
-template <typename T, int D>
+// DROPOUT is a template flag so that p = 0 compiles the generator out entirely.
+template <typename T, int D, bool DROPOUT>
 __global__ void __launch_bounds__(PortableFwdTraits<D>::kThreads)
 fwd_portable(const Params p) {
     using Tr = PortableFwdTraits<D>;
@@ -92,18 +95,33 @@ fwd_portable(const Params p) {
         l *= rescale;
 #pragma unroll
         for (int c = 0; c < C; ++c) acc[c] *= rescale;
+        // Dropout zeroes entries of P after the row sum: the LSE stays that of the undropped
+        // softmax, and the 1/(1-p) rescale is applied once at the end.
+        const bool dropout = DROPOUT && row_valid;
 #pragma unroll
-        for (int jj = 0; jj < BN; ++jj) {
-            const float pj = exp2f(s[jj] - base);
-            l += pj;
+        for (int g = 0; g < BN / 4; ++g) {
+            u32 keep = 0xfu;  // bit t: key n0 + 4g + t is kept
+            if (dropout) {
+                const Philox4 r = dropout_draws(p, b, h, i, n0 + 4 * g);
+                keep = (u32)dropout_keep(p, r.x) | ((u32)dropout_keep(p, r.y) << 1) |
+                       ((u32)dropout_keep(p, r.z) << 2) | ((u32)dropout_keep(p, r.w) << 3);
+            }
 #pragma unroll
-            for (int c = 0; c < C; ++c) acc[c] = fmaf(pj, sV[jj][lane4 + 4 * c], acc[c]);
+            for (int t = 0; t < 4; ++t) {
+                const int jj = 4 * g + t;
+                const float pj = exp2f(s[jj] - base);
+                l += pj;
+                const float pv = (keep >> t) & 1u ? pj : 0.f;
+#pragma unroll
+                for (int c = 0; c < C; ++c) acc[c] = fmaf(pv, sV[jj][lane4 + 4 * c], acc[c]);
+            }
         }
         m = m_new;
     }
 
     if (!row_valid) return;
-    const float inv_l = l > 0.f ? 1.f / l : 0.f;  // no key at all: output 0
+    // no key at all: output 0
+    const float inv_l = l > 0.f ? (DROPOUT ? p.dropout_scale : 1.f) / l : 0.f;
     T* op = (T*)p.o + (i64)b * p.o_batch_stride + (i64)h * p.o_head_stride + (i64)i * p.o_row_stride;
 #pragma unroll
     for (int c = 0; c < C; ++c) {

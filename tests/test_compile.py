@@ -93,7 +93,7 @@ def test_disk_cache_second_process(tmp_path):
     import sys
 
     code = ("from cuflash import _compile as c; r = c.compile_cubin('fwd_portable.cu', "
-            "['cuflash::fwd_portable<float, 32>'], 'sm_80'); print(r.from_cache, r.seconds)")
+            "['cuflash::fwd_portable<float, 32, false>'], 'sm_80'); print(r.from_cache, r.seconds)")
     env = dict(os.environ, CUFLASH_CACHE_DIR=str(tmp_path))
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -136,7 +136,7 @@ def test_portable_forward_limits(compiled):
     for (arch, f, n), r in compiled.items():
         if f != "fwd_portable.cu":
             continue
-        d = int(n.rsplit(",", 1)[1].strip(" >"))
+        d = int(n.split(",")[1].strip(" >"))
         cfg = _config.portable_forward(d)
         # static shared memory: K and V tiles in fp32, as the traits say
         assert r["smem"] == 2 * cfg.block_n * d * 4, (n, r)
