@@ -264,7 +264,8 @@ def _torch_autograd_wanted(*xs) -> bool:
 
 
 def _attention_impl(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p, seed,
-                    deterministic, return_lse, out, num_splits):
+                    deterministic, return_lse, out, num_splits, lse_out=None):
+    """``attention`` without the autograd routing; ``lse_out`` (internal) receives the LSE in place."""
     c, infos = _validate(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                          alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed)
     _check_bool("deterministic", deterministic)
@@ -275,7 +276,7 @@ def _attention_impl(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes
 
     if not infos["q"].is_cuda:
         return _attention_cpu(c, q, k, v, alibi_slopes, out, return_lse)
-    return _attention_cuda(c, q, k, v, alibi_slopes, out, return_lse, int(num_splits))
+    return _attention_cuda(c, q, k, v, alibi_slopes, out, return_lse, int(num_splits), lse_out)
 
 
 def _dropout_mask(c: _Checked):
@@ -351,12 +352,15 @@ def _run(c: _Checked, ctx: _Device, qv, kv, vv, alibi_v, **kw):
                        seed=c.seed, empty=ctx.alloc.scratch, **kw)
 
 
-def _attention_cuda(c, q, k, v, alibi_slopes, out, return_lse, num_splits):
+def _attention_cuda(c, q, k, v, alibi_slopes, out, return_lse, num_splits, lse_out=None):
     from . import _launch
 
     with _Device(c, q) as ctx:
         o_native, o = ctx.out((c.batch, c.seqlen_q, c.nheads, c.headdim), c.dtype, out)
-        lse_native, lse = ctx.alloc.empty((c.batch, c.nheads, c.seqlen_q), "float32")
+        if lse_out is not None:
+            lse_native, lse = lse_out, ctx.view(lse_out)
+        else:
+            lse_native, lse = ctx.alloc.empty((c.batch, c.nheads, c.seqlen_q), "float32")
         if o.size == 0 or lse.size == 0:
             if lse.size:
                 lse.fill(-np.inf)  # no key at all: every row is fully masked
