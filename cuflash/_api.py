@@ -419,6 +419,10 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
                          f"{(c.batch, c.nheads, c.seqlen_q)}, got {linf.shape}")
     if linf.dtype != "float32" and not (not linf.is_cuda and linf.dtype == "float64"):
         raise TypeError(f"cuflash: lse must be float32, got {linf.dtype}")
+    if linf.strides is not None and 0 not in linf.shape and \
+            linf.strides != (c.nheads * c.seqlen_q, c.seqlen_q, 1):
+        raise ValueError(f"cuflash: lse must be contiguous (as attention(..., return_lse=True) returns it), "
+                         f"got strides {linf.strides}")
     kshape = (c.batch, c.seqlen_k, c.nheads_k, c.headdim)
     _check_out("dq", dq, c, qshape, c.dtype, q)
     _check_out("dk", dk, c, kshape, c.dtype, q)

@@ -121,7 +121,12 @@ class Run:
             p["alibi_batch_stride"] = self.nheads if self.alibi.ndim == 2 else 0
         p["batch"], p["seqlen_q"], p["nheads"], p["headdim"] = self.q.shape
         p["seqlen_k"], p["nheads_k"] = self.k.shape[1], self.k.shape[2]
-        p["window_left"], p["window_right"] = self.window
+        # A side that cannot mask anything becomes -1 (exact: j >= i + sk - sq - left holds for all
+        # i >= 0 once left >= sk, and j <= i + sk - sq + right for all j < sk once right >= sq). This keeps
+        # the kernels' 32-bit mask arithmetic far from overflow for huge windows.
+        left, right = self.window
+        p["window_left"] = -1 if left >= self.seqlen_k else left
+        p["window_right"] = -1 if right >= self.seqlen_q else right
         p["scale"] = self.softmax_scale
         p["scale_log2"] = self.softmax_scale * math.log2(math.e)
         p["softcap"] = self.softcap

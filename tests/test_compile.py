@@ -94,7 +94,11 @@ def test_disk_cache_second_process(tmp_path):
 
     code = ("from cuflash import _compile as c; r = c.compile_cubin('fwd_portable.cu', "
             "['cuflash::fwd_portable<float, 32, false>'], 'sm_80'); print(r.from_cache, r.seconds)")
-    env = dict(os.environ, CUFLASH_CACHE_DIR=str(tmp_path))
+    import cuflash
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cuflash.__file__)))
+    env = dict(os.environ, CUFLASH_CACHE_DIR=str(tmp_path),
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert first.stdout.split()[0] == "False" and "compiled fwd_portable.cu" in first.stderr
