@@ -109,6 +109,14 @@ def _arrays(named: dict, *, allow_cpu=True):
     return infos
 
 
+def _check_last_dim(name, inf):
+    """CUDA arrays must be contiguous in the last dimension (any other strides are fine)."""
+    if inf.is_cuda and inf.strides is not None and 0 not in inf.shape and inf.shape[-1] > 1 \
+            and inf.strides[-1] != 1:
+        raise ValueError(f"cuflash: {name} must be contiguous in its last dimension (headdim), got strides "
+                         f"{inf.strides}; other dimensions may have any strides")
+
+
 def _check_qkv(c: _Checked, infos: dict):
     q, k, v = infos["q"], infos["k"], infos["v"]
     for name in ("q", "k", "v"):
@@ -132,10 +140,7 @@ def _check_qkv(c: _Checked, infos: dict):
     if hk == 0 and h > 0 or (hk > 0 and h % hk != 0):
         raise ValueError(f"cuflash: nheads of q ({h}) must be a multiple of nheads of k and v ({hk}) (MQA/GQA)")
     for name in ("q", "k", "v"):
-        inf = infos[name]
-        if inf.is_cuda and inf.strides is not None and inf.shape[3] > 1 and inf.strides[3] != 1:
-            raise ValueError(f"cuflash: {name} must be contiguous in its last dimension (headdim), got strides "
-                             f"{inf.strides}; other dimensions may have any strides")
+        _check_last_dim(name, infos[name])
     c.kind, c.device, c.dtype = q.kind, q.device, q.dtype
     c.batch, c.seqlen_q, c.nheads, c.headdim = b, sq, h, d
     c.seqlen_k, c.nheads_k = sk, hk
@@ -165,8 +170,7 @@ def _check_out(name, out, c: _Checked, shape, dtype, q):
         raise ValueError(f"cuflash: {name} must have shape {tuple(shape)}, got {inf.shape}")
     if inf.dtype != dtype:
         raise TypeError(f"cuflash: {name} must have dtype {dtype}, got {inf.dtype}")
-    if inf.is_cuda and inf.strides is not None and shape[-1] > 1 and inf.strides[-1] != 1:
-        raise ValueError(f"cuflash: {name} must be contiguous in its last dimension, got strides {inf.strides}")
+    _check_last_dim(name, inf)
 
 
 def _validate(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p, seed,
@@ -411,8 +415,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
             raise ValueError(f"cuflash: {name} must have q's shape {qshape}, got {inf.shape}")
         if inf.dtype != c.dtype:
             raise TypeError(f"cuflash: {name} must have q's dtype {c.dtype}, got {inf.dtype}")
-        if inf.is_cuda and inf.strides is not None and c.headdim > 1 and inf.strides[3] != 1:
-            raise ValueError(f"cuflash: {name} must be contiguous in its last dimension, got strides {inf.strides}")
+        _check_last_dim(name, inf)
     linf = infos["lse"]
     if linf.shape != (c.batch, c.nheads, c.seqlen_q):
         raise ValueError(f"cuflash: lse must have shape (batch, nheads, seqlen_q) = "

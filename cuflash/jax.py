@@ -24,11 +24,23 @@ from . import _api
 __all__ = ["attention"]
 
 
+class _StreamHandle:
+    """XLA's stream pointer, presented through the CUDA stream protocol."""
+
+    def __init__(self, ptr):
+        self.ptr = int(ptr)
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
 def _cupy_stream(ctx, device_id):
     import cupy
 
-    s = ctx.stream
-    return cupy.cuda.ExternalStream(int(s), device_id)
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_StreamHandle(ctx.stream))
+    return cupy.cuda.ExternalStream(int(ctx.stream), device_id)
 
 
 def _device_of(buf) -> int:
@@ -39,9 +51,19 @@ def _device_of(buf) -> int:
 
 
 def _views(bufs):
+    """CuPy views of XLA buffers (no copy). __cuda_array_interface__ has no bfloat16 type string, so a
+    2-byte void buffer is a bfloat16 one (the only such dtype cuflash takes)."""
     import cupy
 
-    return [None if b is None else cupy.asarray(b) for b in bufs]
+    from ._interop import BFLOAT16
+
+    out = []
+    for b in bufs:
+        a = None if b is None else cupy.asarray(b)
+        if a is not None and a.dtype.kind == "V" and a.dtype.itemsize == 2:
+            a = a.view(BFLOAT16)
+        out.append(a)
+    return out
 
 
 def _forward_cb(opts, has_alibi):

@@ -25,7 +25,7 @@ for r in res:
     if r: print("COMPILE FAILED", r)
 print(f"precompiled {len(res)} variants for {arch}")
 PY
-python3 -m pytest -q -rs -x --durations=15 "${@:-tests}" 2>&1 | tee "$OUT/pytest.txt" | tail -40
+python3 -m pytest -q -rs --durations=10 --maxfail=25 "${@:-tests}" 2>&1 | tee "$OUT/pytest.txt" | tail -40
 rc=${PIPESTATUS[0]}
 if [ -n "${BENCH:-}" ]; then
   python3 benchmarks/bench_attention.py $BENCH --outdir "$OUT" 2>&1 | tee "$OUT/bench.txt" | tail -60
