@@ -483,7 +483,16 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """Drop-in for ``flash_attn.flash_attn_func`` (same positional order and keywords).
 
     Differentiable for PyTorch tensors that require grad. With ``return_attn_probs=True`` returns
-    ``(out, softmax_lse, S_dmask)`` like flash-attn (``S_dmask`` is only meaningful for testing).
+    ``(out, softmax_lse, S_dmask)`` like flash-attn, for debugging small shapes:
+
+    * ``S_dmask``: shape ``(batch, nheads, seqlen_q, seqlen_k)``, the attention probabilities
+      ``P = exp(s - softmax_lse)`` (the undropped softmax; 0 where masked) with the sign bit set where
+      dropout dropped the entry (negative, or ``-0.0`` where P is 0): ``~signbit(S_dmask)`` is the
+      forward's keep mask, ``abs(S_dmask)`` the probabilities. In q's array type, dtype and device.
+    * It is recomputed on the host, in float64 NumPy, from q, k, v and the returned ``softmax_lse``, with
+      the forward's own dropout mask (the seed is drawn here and handed to the forward). Cost: copies of
+      q, k, v to the host and O(batch * nheads * seqlen_q * seqlen_k) host memory and time (plus the
+      scores' O(... * headdim)); never use it at training sizes. Not differentiable.
     """
     if q.__class__.__module__.split(".")[0] == "torch":
         from . import torch as _torch
@@ -491,10 +500,60 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         return _torch.flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
                                       window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                                       deterministic=deterministic, return_attn_probs=return_attn_probs)
+    seed = secrets.randbits(63) if return_attn_probs else None  # S_dmask needs the forward's seed
     res = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-                    alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
+                    alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed,
                     deterministic=deterministic, return_lse=return_attn_probs)
     if return_attn_probs:
         o, lse = res
-        return o, lse, None
+        return o, lse, _attn_probs(q, k, v, lse, causal=causal, softmax_scale=softmax_scale,
+                                   window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
+                                   dropout_p=dropout_p, seed=seed)
     return res
+
+
+def _attn_probs(q, k, v, lse, *, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p, seed):
+    """``S_dmask`` of ``flash_attn_func(..., return_attn_probs=True)`` (see there), on the host in float64.
+
+    ``lse`` is the forward's; ``seed`` the one the forward used. Returns q's array type, dtype and device.
+    """
+    c, infos = _validate(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                         alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed)
+    kind, cuda = c.kind, infos["q"].is_cuda
+
+    def host(x):
+        if not cuda:
+            return np.asarray(_interop.to_numpy(x, kind))
+        if kind == "torch":
+            return _interop.to_numpy(x.detach().cpu(), "torch")
+        if kind == "jax":
+            return np.asarray(x)
+        a = _interop.as_cupy(x, kind)  # CuPy's current stream: after the forward that wrote lse
+        return a.astype("float32").get() if a.dtype == _interop.BFLOAT16 else a.get()
+
+    qn, kn, vn, lse_n = (host(x) for x in (q, k, v, lse))
+    slopes = None if alibi_slopes is None else np.asarray(host(alibi_slopes), np.float64)
+    prep = reference._prepare(qn, kn, vn, False, c.scale, c.window, slopes, c.softcap, 0.0, None)
+    s, _, _ = reference._scores(prep, 0, prep.Sq, 0, prep.Sk)  # (B, Hk, G, Sq, Sk); -inf where masked
+    lse64 = np.asarray(lse_n, np.float64).reshape(prep.B, prep.Hk, prep.G, prep.Sq, 1)
+    empty = np.isneginf(lse64)                                  # rows with no key: P = 0
+    probs = np.where(empty, 0.0, np.exp(s - np.where(empty, 0.0, lse64)))
+    probs = probs.reshape(c.batch, c.nheads, c.seqlen_q, c.seqlen_k)
+    if c.dropout_p > 0:
+        keep = np.asarray(reference.dropout_mask(c.seed, c.batch, c.nheads, c.seqlen_q, c.seqlen_k, c.dropout_p))
+        probs = np.where(keep, probs, -probs)                   # sign bit = dropped (also on zeros: -0.0)
+    if not cuda:
+        return _interop.from_numpy(probs, kind, q, c.dtype)
+    a = np.ascontiguousarray(probs.astype(_interop.BFLOAT16 if c.dtype == "bfloat16" else np.dtype(c.dtype)))
+    if kind == "torch":
+        import torch
+
+        t = torch.from_numpy(a.astype(np.float32) if c.dtype == "bfloat16" else a)
+        return t.to(device=q.device, dtype=q.dtype)
+    if kind == "jax":
+        import jax
+
+        return jax.device_put(a, next(iter(q.devices())))
+    cupy = _interop._cupy()
+    with cupy.cuda.Device(c.device[1]):
+        return cupy.asarray(a)

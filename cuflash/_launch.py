@@ -175,8 +175,7 @@ def backward(run: Run) -> None:
     """Pick the backward path for this run and launch it."""
     from ._launch_bwd import backward_portable
 
-    if run.dropout_p > 0:
-        raise NotImplementedError("cuflash: dropout in the GPU backward is not implemented yet")
+    # Dropout: the portable kernels regenerate the forward's mask from (seed, rng_offset) (DROPOUT variants).
     run.path = "portable"
     _log.debug("cuflash: backward path=%s dtype=%s headdim=%d deterministic=%s", run.path, run.dtype,
                run.headdim, run.deterministic)

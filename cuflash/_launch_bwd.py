@@ -3,9 +3,12 @@
 Kernels (see the header of ``bwd_portable.cu``)::
 
     bwd_preprocess_portable<T>      D = rowsum(dO * O) -> dsum; zeroes dq_accum (default path)
-    bwd_dkdv_portable<T, D>         dK, dV per key block (and dQ through fp32 atomics, default path)
+    bwd_dkdv_portable<T, D, DROP>   dK, dV per key block (and dQ through fp32 atomics, default path)
     bwd_dq_convert_portable<T>      dq_accum -> dq in T                       (default path)
-    bwd_dq_portable<T, D>           dQ per query block in a fixed order       (deterministic path)
+    bwd_dq_portable<T, D, DROP>     dQ per query block in a fixed order       (deterministic path)
+
+``DROP`` is ``dropout_p > 0``: the dropout mask is regenerated from the forward's seed (Philox, the same
+bits as the forward), so dropout needs no stored mask; ``DROP = false`` compiles the generator out.
 
 ``deterministic=True`` uses no floating-point atomics anywhere: dK and dV are always summed in
 registers (GQA included) and dQ comes from ``bwd_dq_portable``, which recomputes P and dS for its
@@ -46,6 +49,11 @@ class PortableBwdTiles:
         return 4 * (bn * d + 2 * bq * d + bq * bn + 2 * bq)
 
     @property
+    def dkdv_smem_dropout(self) -> int:
+        """bwd_dkdv_portable with dropout: plus one 32-bit keep mask per query row of the tile."""
+        return self.dkdv_smem + 4 * self.block_q
+
+    @property
     def dq_smem(self) -> int:
         """Static shared memory of bwd_dq_portable: K and V tiles, fp32."""
         return 4 * 2 * self.dq_block_n * self.headdim_bucket
@@ -65,13 +73,13 @@ def portable_backward_tiles(headdim: int) -> PortableBwdTiles:
     return PortableBwdTiles(d, threads, tpr, threads // tpr, block_q, threads // tpr, dq_block_n)
 
 
-def _names(dtype: str, d: int) -> dict[str, str]:
-    t = CTYPES[dtype]
+def _names(dtype: str, d: int, dropout: bool = False) -> dict[str, str]:
+    t, drop = CTYPES[dtype], ("true" if dropout else "false")
     return {
         "preprocess": f"cuflash::bwd_preprocess_portable<{t}>",
-        "dkdv": f"cuflash::bwd_dkdv_portable<{t}, {d}>",
+        "dkdv": f"cuflash::bwd_dkdv_portable<{t}, {d}, {drop}>",
         "dq_convert": f"cuflash::bwd_dq_convert_portable<{t}>",
-        "dq": f"cuflash::bwd_dq_portable<{t}, {d}>",
+        "dq": f"cuflash::bwd_dq_portable<{t}, {d}, {drop}>",
     }
 
 
@@ -80,21 +88,33 @@ def backward_portable_variants() -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for dtype in CTYPES:
         for d in HEADDIM_BUCKETS:
-            names = _names(dtype, d)
-            for key in ("dkdv", "dq"):
-                out.append((FILE, names[key]))
+            for dropout in (False, True):
+                names = _names(dtype, d, dropout)
+                for key in ("dkdv", "dq"):
+                    out.append((FILE, names[key]))
         names = _names(dtype, HEADDIM_BUCKETS[0])
         out.append((FILE, names["preprocess"]))
         out.append((FILE, names["dq_convert"]))
     return out
 
 
+def variant_headdim(name_expression: str) -> int:
+    """The head-dim bucket D of a ``bwd_dkdv_portable<T, D, DROP>`` / ``bwd_dq_portable<T, D, DROP>`` name."""
+    return int(name_expression.split("<", 1)[1].split(",")[1].strip())
+
+
+def variant_dropout(name_expression: str) -> bool:
+    """The DROP flag of a ``bwd_dkdv_portable`` / ``bwd_dq_portable`` name expression."""
+    return name_expression.split("<", 1)[1].split(",")[2].strip(" >") == "true"
+
+
 def expected_static_smem(name_expression: str) -> int:
     """Static shared memory (bytes) that a variant of ``backward_portable_variants`` declares."""
     if "bwd_dkdv_portable" in name_expression or "bwd_dq_portable" in name_expression:
-        d = int(name_expression.rsplit(",", 1)[1].strip(" >"))
-        tiles = portable_backward_tiles(d)
-        return tiles.dkdv_smem if "bwd_dkdv_portable" in name_expression else tiles.dq_smem
+        tiles = portable_backward_tiles(variant_headdim(name_expression))
+        if "bwd_dq_portable" in name_expression:
+            return tiles.dq_smem
+        return tiles.dkdv_smem_dropout if variant_dropout(name_expression) else tiles.dkdv_smem
     return 0
 
 
@@ -105,7 +125,7 @@ def _cdiv(a: int, b: int) -> int:
 def backward_portable(run: Run) -> None:
     """dq, dk, dv of ``run`` (views with the caller's strides) through the portable kernels."""
     tiles = portable_backward_tiles(run.headdim)
-    names = _names(run.dtype, tiles.headdim_bucket)
+    names = _names(run.dtype, tiles.headdim_bucket, run.dropout_p > 0)
     b, h, hk, sq, sk = run.batch, run.nheads, run.nheads_k, run.seqlen_q, run.seqlen_k
 
     # Scratch: D per row, and the fp32 dQ accumulator (contiguous (b, h, sq, headdim)) unless deterministic.

@@ -103,11 +103,20 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
-    """Drop-in for ``flash_attn.flash_attn_func`` on torch tensors, differentiable."""
+    """Drop-in for ``flash_attn.flash_attn_func`` on torch tensors, differentiable.
+
+    ``return_attn_probs=True`` also returns ``S_dmask`` (a tensor on q's device, no gradient): the
+    probabilities with the sign bit set where dropout dropped, recomputed on the host in O(batch * nheads *
+    seqlen_q * seqlen_k) for debugging small shapes; see :func:`cuflash.flash_attn_func`.
+    """
+    seed = secrets.randbits(63) if return_attn_probs else None  # S_dmask needs the forward's seed
     res = attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-                    alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, deterministic=deterministic,
-                    return_lse=return_attn_probs)
+                    alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed,
+                    deterministic=deterministic, return_lse=return_attn_probs)
     if return_attn_probs:
         out, lse = res
-        return out, lse, None
+        s_dmask = _api._attn_probs(q, k, v, lse, causal=causal, softmax_scale=softmax_scale,
+                                   window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
+                                   dropout_p=dropout_p, seed=seed)
+        return out, lse, s_dmask
     return res

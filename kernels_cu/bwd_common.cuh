@@ -14,12 +14,23 @@
 // exp2f (one MUFU.EX2) on the difference. Since lse_i >= max_j s_ij, the difference is <= 0 (up to
 // rounding) and P lies in [0, 1]: no overflow, no running max needed in the backward.
 //
+// Dropout (keep mask Z, Z_ij in {0, 1}, regenerated from Philox as in the forward; r = 1 / (1 - p)):
+// the forward's O = (P o Z r) V with the lse of the undropped softmax, so
+//
+//     dV_j  = sum_i P_ij Z_ij r dO_i
+//     dP_ij = Z_ij r (dO_i . V_j)          (0 where dropped)
+//     dS_ij = P_ij (dP_ij - D_i) * c_ij    with the undropped P; D_i = rowsum(dO_i * O_i) is unchanged
+//
+// (dropped pairs still have dS = -P D c, not 0). The kernels take DROPOUT as a template flag: with
+// DROPOUT = false the generator and the mask are compiled out and the code is that of no dropout.
+//
 // A row with no kept key has lse = -inf (and out = 0). There s - lse would be (-inf) - (-inf) = NaN for
 // masked keys, so such rows (and rows past seqlen_q) are flagged and get P = 0, hence dS = 0: their
 // gradients are exactly 0 and never NaN. The flag is lse * log2(e) replaced by +inf: every test is
 // "lse_log2 < +inf", which is also false for a NaN lse (garbage in gives 0, not NaN, out).
 #pragma once
 #include "mask.cuh"
+#include "philox.cuh"
 
 namespace cuflash {
 
@@ -31,6 +42,20 @@ __device__ __forceinline__ float group_sum(float x) {
 #pragma unroll
     for (int o = 1; o < G; o <<= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
     return x;
+}
+
+// Bitwise OR over the G consecutive lanes of a group (G a power of two <= 32), full-warp xor butterfly.
+template <int G>
+__device__ __forceinline__ u32 group_or(u32 x) {
+#pragma unroll
+    for (int o = 1; o < G; o <<= 1) x |= __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// Keep bits of the 4 keys j0..j0+3 of one Philox call (bit t: key j0 + t is kept), as the forward.
+__device__ __forceinline__ u32 dropout_keep_bits4(const Params& p, const Philox4& r) {
+    return (u32)dropout_keep(p, r.x) | ((u32)dropout_keep(p, r.y) << 1) | ((u32)dropout_keep(p, r.z) << 2) |
+           ((u32)dropout_keep(p, r.w) << 3);
 }
 
 // Column ownership of the row-group kernels: a row of D head-dim columns is cut into D/4 chunks of 4
@@ -100,15 +125,23 @@ __device__ __forceinline__ float bwd_score_log2(const Params& p, float dot, int 
 }
 
 // dS_ij (without the softmax scale) for a (row, key) pair, 0 where the key is masked or the row is flagged.
-// pr returns P_ij. dot = q_i . k_j, dp = dO_i . v_j, lse_l2 = lse_log2_or_flag(...), dsum = D_i.
+// pv returns the pair's dV weight: P_ij, or with DROPOUT P_ij Z_ij / (1 - p) (kept = Z_ij; ignored
+// without DROPOUT). dot = q_i . k_j, dp = dO_i . v_j, lse_l2 = lse_log2_or_flag(...), dsum = D_i.
+template <bool DROPOUT>
 __device__ __forceinline__ float bwd_ds(const Params& p, float dot, float dp, int i, int j, float slope,
-                                        float lse_l2, float dsum, float& pr) {
-    pr = 0.f;
+                                        float lse_l2, float dsum, bool kept, float& pv) {
+    pv = 0.f;
     float ds = 0.f;
     if (lse_l2 < INFINITY && key_kept(p, i, j)) {
         float dcap;
         const float s = bwd_score_log2(p, dot, i, j, slope, dcap);
-        pr = exp2f(s - lse_l2);  // s = -inf never reaches here (masked keys are excluded above)
+        const float pr = exp2f(s - lse_l2);  // s = -inf never reaches here (masked keys are excluded above)
+        if (DROPOUT) {
+            dp = kept ? dp * p.dropout_scale : 0.f;
+            pv = kept ? pr * p.dropout_scale : 0.f;
+        } else {
+            pv = pr;
+        }
         ds = pr * (dp - dsum) * dcap;
     }
     return ds;

@@ -8,7 +8,7 @@
 //
 //   bwd_preprocess_portable<T>     D_i = rowsum(dO_i * O_i) into dsum; zeroes the fp32 dQ accumulator
 //                                  rows when there is one. A warp per row, 8 warps per block.
-//   bwd_dkdv_portable<T, D>        one block of 128 threads per (key block of kBN keys, kv head, batch).
+//   bwd_dkdv_portable<T, D, DROP>  one block of 128 threads per (key block of kBN keys, kv head, batch).
 //                                  A group of kTPR threads per key row; thread t of the group owns kCols
 //                                  head-dim columns, the float4 chunks t, t + kTPR, ... (col_of in
 //                                  bwd_common.cuh): the row's K and V slices and its dK, dV accumulators
@@ -23,11 +23,18 @@
 //                                  an fp32 copy of the block's K, and added to dq_accum with fp32 atomics.
 //                                  deterministic = 1: that part is skipped.
 //   bwd_dq_convert_portable<T>     (default) dq = dq_accum, converted to T, written with dq's strides.
-//   bwd_dq_portable<T, D>          (deterministic) one block per (query block, head, batch), a group of
+//   bwd_dq_portable<T, D, DROP>    (deterministic) one block per (query block, head, batch), a group of
 //                                  kTPR threads per query row holding Q, dO and dQ slices in registers;
 //                                  K and V tiles stream through shared memory in a fixed order, P and dS
 //                                  are recomputed, and dQ is summed in registers: no atomics, so results
 //                                  are bitwise identical from run to run.
+//
+// Dropout (DROP = true; false compiles it out): the keep mask of each (query row, key) pair is regenerated
+// from Philox exactly as the forward drew it (philox.cuh: one call gives the 4 keys j0..j0+3, j0 % 4 == 0;
+// tiles start at multiples of 4 keys). Each call is made once per tile, not once per thread that needs it:
+// the dK/dV kernel spreads a tile's kBQ x kBN/4 calls over the block and keeps one 32-bit mask per query
+// row in shared memory (bit = key of the block, kBN <= 32); in the dQ kernel the kTPR threads of a row
+// split the row's kDqBN/4 calls and OR their bits together (one register). Math: bwd_common.cuh.
 //
 // Global offsets are 64-bit (i64) everywhere: batch/row/head strides times indices can exceed 2^31.
 #include "bwd_common.cuh"
@@ -64,7 +71,12 @@ struct PortableBwdTraits {
     static_assert(32 % kTPR == 0, "a row group must not straddle warps");
     static_assert(kCols % 4 == 0 && kCols <= 16, "float4 chunks, bounded registers");
     static_assert((kThreads % D == 0 || D % kThreads == 0) && kBQ % kDqGroups == 0, "dQ phase mapping");
-    static_assert(kSmemDkdv <= 48 * 1024 && kSmemDq <= 48 * 1024, "must fit the default shared memory");
+    static constexpr int kSmemKeep = kBQ * (int)sizeof(u32);       // dK/dV kernel with dropout: keep bits
+    static_assert(kSmemDkdv + kSmemKeep <= 48 * 1024 && kSmemDq <= 48 * 1024, "must fit the default shared memory");
+    // Dropout: Philox calls cover 4 keys from a multiple of 4; a row's keys of a block fit one u32; the
+    // tile's calls (kBQ * kBN / 4) fill whole warps so that the OR over a row's lanes is warp-uniform.
+    static_assert(kBN % 4 == 0 && kBN <= 32 && kDqBN % 4 == 0 && kDqBN <= 32, "dropout bit masks");
+    static_assert((kBQ * (kBN / 4)) % 32 == 0 && 32 % (kBN / 4) == 0, "dropout: warp-uniform Philox loop");
 };
 
 // ---- 1. preprocess: D = rowsum(dO * O), zero dq_accum --------------------------------------------
@@ -98,7 +110,7 @@ bwd_preprocess_portable(const Params p) {
 
 // ---- 2. dK, dV (and the atomic dQ) per key block ---------------------------------------------------
 
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 __global__ void __launch_bounds__(PortableBwdTraits<D>::kThreads, PortableBwdTraits<D>::kMinBlocks)
 bwd_dkdv_portable(const Params p) {
     using Tr = PortableBwdTraits<D>;
@@ -109,6 +121,8 @@ bwd_dkdv_portable(const Params p) {
     __shared__ float sdS[BQ][BN];     // dS * scale of the tile, for dQ
     __shared__ float sLse[BQ];        // lse * log2(e), or +inf for flagged rows
     __shared__ float sDsum[BQ];       // D of the tile's rows
+    __shared__ u32 sKeep[BQ];         // DROPOUT only (unreferenced, hence not allocated, otherwise):
+                                      // bit jj of sKeep[r] = key n0 + jj is kept for query row m0 + r
 
     const int tid = threadIdx.x;
     const int t = tid % TPR;          // position in the row group
@@ -174,6 +188,18 @@ bwd_dkdv_portable(const Params p) {
                 sLse[r] = lse_log2_or_flag(ok ? p.lse[row0 + i] : 0.f, ok);
                 sDsum[r] = ok ? p.dsum[row0 + i] : 0.f;
             }
+            if (DROPOUT) {
+                // The tile's keep bits: call e -> (row r, keys n0 + 4g .. n0 + 4g + 3); the G4 calls of a row
+                // are consecutive lanes of one warp, whose nibbles are ORed into the row's mask.
+                constexpr int G4 = BN / 4;
+#pragma unroll 1
+                for (int e = tid; e < BQ * G4; e += NT) {  // whole warps (static_assert in the traits)
+                    const int r = e / G4, g = e % G4;
+                    const u32 bits = group_or<G4>(
+                        dropout_keep_bits4(p, dropout_draws(p, b, h, m0 + r, n0 + 4 * g)) << (4 * g));
+                    if (g == 0) sKeep[r] = bits;
+                }
+            }
             __syncthreads();
 
 #pragma unroll 1
@@ -184,9 +210,10 @@ bwd_dkdv_portable(const Params p) {
                 float dp = dot4<C, TPR>(do4, vr, t);
                 dot = group_sum<TPR>(dot);
                 dp = group_sum<TPR>(dp);
-                float pr;
-                const float ds = bwd_ds(p, dot, dp, m0 + r, j, slope, sLse[r], sDsum[r], pr);
-                axpy4<C, TPR>(pr, do4, dv, t);
+                const bool kept = DROPOUT && ((sKeep[r] >> jj) & 1u);
+                float pv;
+                const float ds = bwd_ds<DROPOUT>(p, dot, dp, m0 + r, j, slope, sLse[r], sDsum[r], kept, pv);
+                axpy4<C, TPR>(pv, do4, dv, t);
                 axpy4<C, TPR>(ds, q4, dk, t);
                 if (with_dq && t == 0) sdS[r][jj] = ds * p.scale;
             }
@@ -227,7 +254,7 @@ bwd_dkdv_portable(const Params p) {
         }
     }
 
-    // dK = scale * sum_i dS_ij q_i, dV = sum_i P_ij dO_i; keys that no query sees get 0.
+    // dK = scale * sum_i dS_ij q_i, dV = sum_i P_ij (Z_ij / (1 - p)) dO_i; keys that no query sees get 0.
     if (j < p.seqlen_k) {
         T* dkp = (T*)p.dk + (i64)b * p.dk_batch_stride + (i64)hk * p.dk_head_stride + (i64)j * p.dk_row_stride;
         T* dvp = (T*)p.dv + (i64)b * p.dv_batch_stride + (i64)hk * p.dv_head_stride + (i64)j * p.dv_row_stride;
@@ -262,7 +289,7 @@ bwd_dq_convert_portable(const Params p) {
 
 // ---- 3b. dQ per query block, fixed order, no atomics (deterministic path) --------------------------
 
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 __global__ void __launch_bounds__(PortableBwdTraits<D>::kThreads, PortableBwdTraits<D>::kMinBlocks)
 bwd_dq_portable(const Params p) {
     using Tr = PortableBwdTraits<D>;
@@ -306,6 +333,15 @@ bwd_dq_portable(const Params p) {
     const int n_begin = (n_lo / BN) * BN;
 
     for (int n0 = n_begin; n0 <= n_hi; n0 += BN) {  // fixed order: bitwise reproducible
+        // Dropout: bit n of keep = key n0 + n is kept for row i. The row's BN/4 Philox calls are split over
+        // its TPR threads and ORed together (every thread of the warp takes part in the shuffles).
+        u32 keep = 0u;
+        if (DROPOUT) {
+#pragma unroll 1
+            for (int g = t; g < BN / 4; g += TPR)
+                keep |= dropout_keep_bits4(p, dropout_draws(p, b, h, i, n0 + 4 * g)) << (4 * g);
+            keep = group_or<TPR>(keep);
+        }
         __syncthreads();
         for (int e = tid; e < BN * D; e += NT) {
             const int r = e / D, d = e % D;
@@ -323,8 +359,9 @@ bwd_dq_portable(const Params p) {
             float dp = dot4<C, TPR>(v4, dor, t);
             dot = group_sum<TPR>(dot);
             dp = group_sum<TPR>(dp);
-            float pr;
-            const float ds = bwd_ds(p, dot, dp, i, n0 + n, slope, lse_l2, dsum, pr);
+            const bool kept = DROPOUT && ((keep >> n) & 1u);
+            float pv;  // dV weight, unused here
+            const float ds = bwd_ds<DROPOUT>(p, dot, dp, i, n0 + n, slope, lse_l2, dsum, kept, pv);
             axpy4<C, TPR>(ds, k4, dq, t);
         }
     }

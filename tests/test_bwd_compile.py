@@ -1,6 +1,6 @@
-"""CPU tests of the portable backward's kernels: every variant compiles for sm_80 and sm_90a with no
-spills and no stack, at most 255 registers (and few enough for one block per SM), and the static shared
-memory each kernel declares is what the host-side tile table (``cuflash._launch_bwd``) says.
+"""CPU tests of the portable backward's kernels: every variant (dropout on and off) compiles for sm_80 and
+sm_90a with no spills and no stack, at most 255 registers (and few enough for one block per SM), and the
+static shared memory each kernel declares is what the host-side tile table (``cuflash._launch_bwd``) says.
 
 No GPU needed. Compiles go through the on-disk cache (shared with tests/test_compile.py) in a process
 pool, one variant per compile, exactly as ``get_function`` compiles them at run time.
@@ -48,8 +48,7 @@ def compiled():
 def _threads(name: str) -> int:
     if "bwd_preprocess_portable" in name or "bwd_dq_convert_portable" in name:
         return _launch_bwd.ROW_KERNEL_THREADS
-    d = int(name.rsplit(",", 1)[1].strip(" >"))
-    return _launch_bwd.portable_backward_tiles(d).threads
+    return _launch_bwd.portable_backward_tiles(_launch_bwd.variant_headdim(name)).threads
 
 
 def test_variant_list_is_complete():
@@ -60,13 +59,27 @@ def test_variant_list_is_complete():
         assert f"cuflash::bwd_preprocess_portable<{ctype}>" in names
         assert f"cuflash::bwd_dq_convert_portable<{ctype}>" in names
         for d in _launch_bwd.HEADDIM_BUCKETS:
-            assert f"cuflash::bwd_dkdv_portable<{ctype}, {d}>" in names
-            assert f"cuflash::bwd_dq_portable<{ctype}, {d}>" in names
+            for drop in ("false", "true"):
+                assert f"cuflash::bwd_dkdv_portable<{ctype}, {d}, {drop}>" in names
+                assert f"cuflash::bwd_dq_portable<{ctype}, {d}, {drop}>" in names
     # every head dim 1..256 maps to a bucket whose kernels are in the list
     for hd in range(1, 257):
         tiles = _launch_bwd.portable_backward_tiles(hd)
         assert tiles.headdim_bucket >= hd
-        assert f"cuflash::bwd_dkdv_portable<float, {tiles.headdim_bucket}>" in names
+        assert f"cuflash::bwd_dkdv_portable<float, {tiles.headdim_bucket}, true>" in names
+
+
+def test_dispatch_picks_listed_variants():
+    """Every kernel that backward_portable can launch (each dtype, head dim, dropout, mode) is listed."""
+    names = {n for _, n in _launch_bwd.backward_portable_variants()}
+    for dtype in ("float16", "bfloat16", "float32"):
+        for hd in (1, 31, 32, 33, 64, 100, 128, 129, 256):
+            for dropout in (False, True):
+                d = _launch_bwd.portable_backward_tiles(hd).headdim_bucket
+                picked = _launch_bwd._names(dtype, d, dropout)
+                assert set(picked.values()) <= names, (dtype, hd, dropout, picked)
+                assert _launch_bwd.variant_dropout(picked["dkdv"]) is dropout
+                assert _launch_bwd.variant_headdim(picked["dq"]) == d
 
 
 def test_tiles_are_consistent():
@@ -77,7 +90,10 @@ def test_tiles_are_consistent():
         assert (d // t.tpr) % 4 == 0 and d // t.tpr <= 16   # float4 chunks, at most 16 columns per thread
         # dQ phase mapping: threads -> (column, row group), or several columns per thread when d > threads
         assert t.threads % d == 0 and t.block_q % (t.threads // d) == 0 or d % t.threads == 0
-        assert t.dkdv_smem <= 48 * 1024 and t.dq_smem <= 48 * 1024
+        assert t.dkdv_smem_dropout <= 48 * 1024 and t.dq_smem <= 48 * 1024
+        # dropout: 4-key Philox groups, one u32 of keep bits per row, warp-uniform Philox loop (dK/dV kernel)
+        assert t.block_n % 4 == 0 and t.block_n <= 32 and t.dq_block_n % 4 == 0 and t.dq_block_n <= 32
+        assert (t.block_q * t.block_n // 4) % 32 == 0
 
 
 def test_backward_variants_no_spills(compiled):
@@ -105,3 +121,17 @@ def test_backward_main_kernels_keep_three_blocks_per_sm(compiled):
 def test_backward_static_smem_matches_tiles(compiled):
     for (arch, f, n), r in compiled.items():
         assert r["smem"] == _launch_bwd.expected_static_smem(n), (arch, n, r)
+
+
+def test_dropout_off_variants_carry_no_dropout_cost(compiled):
+    """DROPOUT = false compiles the generator out: the keep-bit shared memory (dK/dV kernel) exists only in
+    the dropout variants."""
+    for (arch, f, n), r in compiled.items():
+        if n.endswith(", false>"):
+            on = compiled[(arch, f, n.replace(", false>", ", true>"))]
+            d = _launch_bwd.variant_headdim(n)
+            tiles = _launch_bwd.portable_backward_tiles(d)
+            if "bwd_dkdv_portable" in n:
+                assert r["smem"] == tiles.dkdv_smem and on["smem"] == tiles.dkdv_smem_dropout, (arch, n)
+            else:
+                assert r["smem"] == on["smem"] == tiles.dq_smem, (arch, n)
