@@ -6,6 +6,7 @@ computed by the float64 reference. ``import cuflash`` imports neither CuPy, torc
 Public names
 ------------
 attention, attention_backward, flash_attn_func   the API (any array type)
+merge_attention                                  combine results over disjoint key sets
 reference                                        NumPy float64 oracle
 precompile                                       warm the kernel cache ahead of time
 torch, jax                                       framework entry points (import cuflash.torch / cuflash.jax)
@@ -17,10 +18,10 @@ import os as _os
 __version__ = "0.1.0"
 
 from . import reference
-from ._api import attention, attention_backward, flash_attn_func
+from ._api import attention, attention_backward, flash_attn_func, merge_attention
 from ._precompile import precompile
 
-__all__ = ["attention", "attention_backward", "flash_attn_func", "reference", "precompile", "__version__"]
+__all__ = ["attention", "attention_backward", "flash_attn_func", "merge_attention", "reference", "precompile", "__version__"]
 
 # One line on stderr for each cold compile (a first call can take seconds); CUFLASH_QUIET=1 silences it.
 _logger = _logging.getLogger("cuflash")

@@ -557,3 +557,74 @@ def _attn_probs(q, k, v, lse, *, causal, softmax_scale, window_size, alibi_slope
     cupy = _interop._cupy()
     with cupy.cuda.Device(c.device[1]):
         return cupy.asarray(a)
+
+
+# ---- merging partial results ----------------------------------------------------------------------
+
+def merge_attention(outs, lses, *, out=None, return_lse=True):
+    """Merge attention computed over disjoint key sets (split-KV, cascade, ring attention).
+
+    Parameters
+    ----------
+    outs : sequence of arrays, each (batch, seqlen_q, nheads, headdim)
+        Outputs of :func:`attention` over key sets K_1, ..., K_n (one framework, one device).
+    lses : sequence of float32 arrays, each (batch, nheads, seqlen_q)
+        Their log-sum-exps (``return_lse=True``); ``-inf`` where a part saw no key.
+    out : array, optional
+        Where to write the merged output (shape and dtype of ``outs[0]``).
+
+    Returns
+    -------
+    out, or (out, lse) with ``return_lse=True``: attention over the union of the key sets,
+    ``out = sum_i exp(lse_i - lse) * out_i`` and ``lse = log(sum_i exp(lse_i))``; rows no part saw
+    get 0 and ``-inf``.
+    """
+    outs, lses = list(outs), list(lses)
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"cuflash: merge_attention needs as many lses as outs (at least one), got "
+                         f"{len(outs)} outs and {len(lses)} lses")
+    named = {f"outs[{i}]": o for i, o in enumerate(outs)}
+    named.update({f"lses[{i}]": l for i, l in enumerate(lses)})
+    infos = _arrays(named)
+    o0 = infos["outs[0]"]
+    if len(o0.shape) != 4:
+        raise ValueError(f"cuflash: outs[0] must be 4-D (batch, seqlen_q, nheads, headdim), got shape {o0.shape}")
+    b, sq, h, d = o0.shape
+    for i in range(len(outs)):
+        oi, li = infos[f"outs[{i}]"], infos[f"lses[{i}]"]
+        if oi.shape != o0.shape or oi.dtype != o0.dtype:
+            raise ValueError(f"cuflash: outs[{i}] must match outs[0] ({o0.shape}, {o0.dtype}), got {oi.shape}, {oi.dtype}")
+        if li.shape != (b, h, sq):
+            raise ValueError(f"cuflash: lses[{i}] must have shape (batch, nheads, seqlen_q) = {(b, h, sq)}, "
+                             f"got {li.shape}")
+    c = _Checked()
+    c.kind, c.device, c.dtype = o0.kind, o0.device, o0.dtype
+    if out is not None:
+        oinf = _arrays({"outs[0]": outs[0], "out": out})["out"]
+        if oinf.shape != o0.shape or oinf.dtype != o0.dtype:
+            raise ValueError(f"cuflash: out must have shape {o0.shape} and dtype {o0.dtype}, got {oinf.shape}, "
+                             f"{oinf.dtype}")
+    if not o0.is_cuda:
+        kind = o0.kind
+        os_ = np.stack([np.asarray(_interop.to_numpy(o, kind), np.float64) for o in outs])
+        ls = np.stack([np.asarray(_interop.to_numpy(l, kind), np.float64) for l in lses])
+        m = ls.max(0)
+        safe = np.where(np.isfinite(m), m, 0.0)
+        w = np.exp(ls - safe)                                  # (n, b, h, sq)
+        tot = w.sum(0)
+        lse = np.where(tot > 0, safe + np.log(np.where(tot > 0, tot, 1)), -np.inf)
+        wn = np.where(tot > 0, w / np.where(tot > 0, tot, 1), 0).transpose(0, 1, 3, 2)[..., None]
+        res = _interop.from_numpy((wn * os_).sum(0), kind, outs[0], c.dtype)
+        if out is not None:
+            _copy_into(out, res, kind)
+            res = out
+        return (res, _interop.from_numpy(lse, kind, outs[0], "float32")) if return_lse else res
+    from . import _launch_sm80
+
+    with _Device(c, outs[0]) as ctx:
+        o_native, o = ctx.out(o0.shape, c.dtype, out)
+        lse_native, lse = ctx.alloc.empty((b, h, sq), "float32")
+        ctx.empty = ctx.alloc.scratch
+        _launch_sm80.merge_partials(ctx, [ctx.view(x) for x in outs], [ctx.view(x) for x in lses], o, lse)
+        res = ctx.back(o_native) if out is None else out
+        return (res, ctx.back(lse_native)) if return_lse else res

@@ -69,32 +69,50 @@ class Sm80Tile:
         return 32 * self.warps
 
     @property
+    def m_tiles(self) -> int:
+        """m16 tiles per warp (each warp owns block_m / warps query rows)."""
+        return self.block_m // (16 * self.warps)
+
+    @property
+    def acc_regs(self) -> int:
+        """Accumulator registers per thread held across the main loop (O, S and Q if in registers)."""
+        mt = self.m_tiles
+        d, bn = self.headdim_bucket, self.block_n
+        return mt * d // 2 + mt * bn // 2 + (mt * d // 4 if self.q_in_regs else 0)
+
+    @property
     def smem(self) -> int:
-        """Dynamic shared memory: the Q tile plus the K and V rings (Sm80FwdTraits::kSmemBytes)."""
-        return 2 * self.headdim_bucket * (self.block_m + 2 * self.stages * self.block_n)
+        """Dynamic shared memory (Sm80FwdTraits::kSmemBytes): the Q tile, the K and V rings, the row
+        statistics when the accumulators take 192+ registers (128+ of them for O), and 16 bytes of
+        block scalars."""
+        o_regs = self.m_tiles * self.headdim_bucket // 2
+        stats = 16 * self.m_tiles * self.threads if (self.acc_regs >= 192 and o_regs >= 128) else 0
+        return 2 * self.headdim_bucket * (self.block_m + 2 * self.stages * self.block_n) + stats + 16
 
 
 SM80_FORWARD_TILES = {
-    # to measure: FA2's H100 choice (128 x 128, 4 warps); Q fits in registers at this head dim
-    # (16 regs) next to O (32) and S (128); 40 KB smem.
-    32: Sm80Tile(32, 128, 128, 4, 2, True),
-    # to measure: FA2's H100 choice (128 x 128, 4 warps, Q re-read from smem: O 64 + S 128 regs);
-    # 80 KB smem with 2 stages, 2 blocks per SM.
-    64: Sm80Tile(64, 128, 128, 4, 2, False),
-    # to measure: FA2's choice (128 x 64, 4 warps); 72 KB, 2 blocks per SM.
-    96: Sm80Tile(96, 128, 64, 4, 2, False),
-    # to measure: FA2's H100 choice (128 x 64, 4 warps): O 128 + S 64 regs, 255 used, 0 spills;
-    # 96 KB with 2 stages: 2 blocks per SM on H100 (1 on A100, where 1 stage would give 2).
+    # Measured on the H100 SXM (bf16, batch x seqlen = 16k tokens, hidden 2048, TFLOP/s at seqlen 16k,
+    # non-causal / causal; FA2 = torch SDPA's FlashAttention-2 in the same run). benchmarks/NOTES_sm80.md.
+    # 128 x 64, 4 warps, Q in registers (16 regs), 2 stages (24 KB): 229 / 220 (FA2 226 / 212);
+    # 128 x 128 (FA2's tile): 214 / 204.
+    32: Sm80Tile(32, 128, 64, 4, 2, True),
+    # 128 x 64, 4 warps, Q in registers (32 regs), 2 stages (48 KB): 302 / 279 (FA2 310 / 289);
+    # FA2's 128 x 128 with Q re-read from smem: 278 / 249.
+    64: Sm80Tile(64, 128, 64, 4, 2, True),
+    # 128 x 64, 4 warps, 1 stage (48 KB): 317 / 298 (FA2 335 / 255..313); 2 stages: 276 / 259.
+    96: Sm80Tile(96, 128, 64, 4, 1, False),
+    # 128 x 64, 4 warps (FA2's H100 tile), 2 stages (100 KB: O 128 + S 64 regs, row statistics in smem):
+    # 356 / 330 (FA2 349 / 312); 128 x 32: 282 / 257; 64 x 64 with Q in registers: 245 / 261.
     128: Sm80Tile(128, 128, 64, 4, 2, False),
-    # to measure: FA2's A100/H100 choice (128 x 32, 4 warps): O 160 + S 32 regs; 80 KB.
+    # 128 x 32, 4 warps, 2 stages (84 KB: O 160 + S 32 regs): 323 / 283 (FA2 245 / 222).
     160: Sm80Tile(160, 128, 32, 4, 2, False),
-    # to measure: FA2's choice (128 x 64, 8 warps: 16 rows per warp, O 96 + S 32 regs); 144 KB,
-    # 1 block of 8 warps per SM.
-    192: Sm80Tile(192, 128, 64, 8, 2, False),
-    # to measure: as 192 (128 x 64, 8 warps); 168 KB, 1 block per SM.
-    224: Sm80Tile(224, 128, 64, 8, 2, False),
-    # to measure: FA2's H100 choice (64 x 64, 4 warps, 16 rows per warp: O 128 + S 32 regs);
-    # 1 stage = 96 KB so that 2 blocks fit per SM.
+    # 64 x 64, 4 warps (16 rows per warp), 1 stage (72 KB): 292 / 289 (FA2 324 / 265..288); FA2's
+    # 128 x 64 with 8 warps: 246 / 235.
+    192: Sm80Tile(192, 64, 64, 4, 1, False),
+    # 64 x 64, 4 warps, 1 stage (84 KB): 283 / 254 (FA2 239 / 225); 128 x 64 with 8 warps: 250 / 226.
+    224: Sm80Tile(224, 64, 64, 4, 1, False),
+    # 64 x 64, 4 warps (FA2's H100 tile), 1 stage (96 KB, 2 blocks per SM): 308 / 312 (FA2 316..326 /
+    # 249..283); 2 stages: 210 / 211; 128 x 64 with 8 warps: 260 / 260.
     256: Sm80Tile(256, 64, 64, 4, 1, False),
 }
 
@@ -102,10 +120,9 @@ SM80_FORWARD_TILES = {
 # GPUs with less shared memory per block (A100: 163 KB, sm86/sm89 and sm120: 99 KB) take these
 # where the tile above does not fit.
 SM80_FORWARD_TILES_SMALL_SMEM = {
-    # to measure: 64 x 64, 4 warps, 1 stage: 72 KB (fits 99 KB).
-    192: Sm80Tile(192, 64, 64, 4, 1, False),
-    # to measure: 64 x 64, 4 warps, 1 stage: 84 KB (fits 99 KB).
-    224: Sm80Tile(224, 64, 64, 4, 1, False),
+    # to measure: 128 x 32, 4 warps (FA2's sm86/sm89 choice): 64 KB (fits 99 KB). 282 TFLOP/s on the
+    # H100 (bf16, 16k tokens, non-causal; the main tile: 334), so only where the main one cannot run.
+    128: Sm80Tile(128, 128, 32, 4, 2, False),
 }
 
 

@@ -164,9 +164,14 @@ def forward_portable(run: Run) -> None:
 
 def forward(run: Run) -> None:
     """Pick the forward path for this run and launch it (``run.path`` says which ran)."""
-    run.path = "portable"
+    from . import _launch_sm80
+
+    run.path = "sm80" if _launch_sm80.supports(run) else "portable"
     _log.debug("cuflash: forward path=%s dtype=%s headdim=%d", run.path, run.dtype, run.headdim)
-    forward_portable(run)
+    if run.path == "sm80":
+        _launch_sm80.forward_sm80(run)
+    else:
+        forward_portable(run)
 
 
 # ---- backward ------------------------------------------------------------------------------------
