@@ -155,18 +155,56 @@ def from_numpy(a: np.ndarray, kind: str, like, dtype: str):
 
 # ---- CUDA arrays ---------------------------------------------------------------------------------
 
+class _StreamHandle:
+    """A raw stream pointer presented through the CUDA stream protocol."""
+
+    def __init__(self, ptr: int):
+        self.ptr = int(ptr)
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+_external_streams: dict[tuple[int, int], object] = {}
+
+
+def external_stream(ptr: int, device_id: int):
+    """A CuPy stream object for a stream someone else owns (cached: wrapping costs microseconds)."""
+    key = (int(ptr), device_id)
+    s = _external_streams.get(key)
+    if s is None:
+        cupy = _cupy()
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        if from_external is not None:
+            with cupy.cuda.Device(device_id):
+                s = from_external(_StreamHandle(ptr))  # CUDA stream protocol (CuPy >= 14)
+        else:  # pragma: no cover - older CuPy
+            s = cupy.cuda.ExternalStream(int(ptr), device_id)
+        _external_streams[key] = s
+    return s
+
+
 def current_stream(kind: str, device_id: int):
     """The caller's current stream on the device, as a CuPy stream object."""
     cupy = _cupy()
     if kind == "torch":
         torch = sys.modules["torch"]
-        s = torch.cuda.current_stream(device_id)
-        from_external = getattr(cupy.cuda.Stream, "from_external", None)
-        if from_external is not None and hasattr(s, "__cuda_stream__"):
-            return from_external(s)  # CUDA stream protocol (CuPy >= 14)
-        return cupy.cuda.ExternalStream(int(s.cuda_stream), device_id)
+        return external_stream(torch.cuda.current_stream(device_id).cuda_stream, device_id)
     with cupy.cuda.Device(device_id):
         return cupy.cuda.get_current_stream()
+
+
+def _torch_view(t):
+    """Zero-copy CuPy view of a CUDA tensor: its own pointer, shape and strides, the tensor kept alive
+    as the memory's owner. (DLPack would do the same, but torch's __dlpack__ costs ~50 us a call in
+    stream bookkeeping that is moot here: the work already runs on torch's current stream.)"""
+    cupy = _cupy()
+    dtype = _np_dtype(str(t.dtype)[6:])
+    isz = dtype.itemsize
+    shape = tuple(t.shape)
+    nbytes = max(1, (sum((n - 1) * st for n, st in zip(shape, t.stride())) + 1) * isz) if t.numel() else 0
+    mem = cupy.cuda.UnownedMemory(t.data_ptr(), nbytes, t, t.device.index or 0)
+    return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(mem, 0), strides=tuple(st * isz for st in t.stride()))
 
 
 def as_cupy(x, kind: str):
@@ -175,7 +213,7 @@ def as_cupy(x, kind: str):
         return x
     cupy = _cupy()
     if kind == "torch":
-        return cupy.from_dlpack(x.detach())
+        return _torch_view(x.detach())
     if kind == "jax":
         # JAX runs asynchronously on streams of its own: wait until the producer is done.
         x.block_until_ready()
@@ -193,7 +231,7 @@ class Allocator:
         if self.kind == "torch":
             torch = sys.modules["torch"]
             t = torch.empty(tuple(shape), dtype=getattr(torch, dtype), device=self.like.device)
-            return t, (cupy.from_dlpack(t) if t.numel() else cupy.empty(tuple(shape), _np_dtype(dtype)))
+            return t, (_torch_view(t) if t.numel() else cupy.empty(tuple(shape), _np_dtype(dtype)))
         a = cupy.empty(tuple(shape), _np_dtype(dtype))
         return a, a
 

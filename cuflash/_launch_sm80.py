@@ -126,6 +126,7 @@ def supports(run) -> bool:
 
 # ---- split-KV heuristic ----------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4096)
 def num_splits_heuristic(ctas: int, slots: int, n_blocks: int, max_splits: int = MAX_SPLITS) -> int:
     """Slices of the key range per block so that ctas * splits fills ``slots`` (SMs x blocks per SM).
 

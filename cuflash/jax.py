@@ -24,23 +24,10 @@ from . import _api
 __all__ = ["attention"]
 
 
-class _StreamHandle:
-    """XLA's stream pointer, presented through the CUDA stream protocol."""
-
-    def __init__(self, ptr):
-        self.ptr = int(ptr)
-
-    def __cuda_stream__(self):
-        return (0, self.ptr)
-
-
 def _cupy_stream(ctx, device_id):
-    import cupy
+    from ._interop import external_stream
 
-    from_external = getattr(cupy.cuda.Stream, "from_external", None)
-    if from_external is not None:
-        return from_external(_StreamHandle(ctx.stream))
-    return cupy.cuda.ExternalStream(int(ctx.stream), device_id)
+    return external_stream(int(ctx.stream), device_id)
 
 
 def _device_of(buf) -> int:
