@@ -184,10 +184,13 @@ def forward(run: Run) -> None:
 
 def backward(run: Run) -> None:
     """Pick the backward path for this run and launch it."""
+    from . import _launch_bwd_sm80
     from ._launch_bwd import backward_portable
 
     # Dropout: the portable kernels regenerate the forward's mask from (seed, rng_offset) (DROPOUT variants).
-    run.path = "portable"
+    run.path = "sm80" if _launch_bwd_sm80.supports(run) else "portable"
     _log.debug("cuflash: backward path=%s dtype=%s headdim=%d deterministic=%s", run.path, run.dtype,
                run.headdim, run.deterministic)
+    if run.path == "sm80":
+        return _launch_bwd_sm80.backward_sm80(run)
     backward_portable(run)

@@ -6,19 +6,12 @@ from __future__ import annotations
 def all_variants() -> list[tuple[str, str]]:
     """Every (file, name expression) the dispatcher can pick, over all paths."""
     from . import _config
+    from ._launch_bwd import backward_portable_variants
+    from ._launch_bwd_sm80 import variants as bwd_sm80_variants
+    from ._launch_sm80 import variants as sm80_variants
 
-    out = list(_config.portable_forward_variants())
-    try:
-        from ._launch_bwd import backward_portable_variants
-        out += backward_portable_variants()
-    except ImportError:
-        pass
-    try:
-        from ._launch_sm80 import variants as sm80_variants
-        out += sm80_variants()
-    except ImportError:
-        pass
-    return out
+    return (list(_config.portable_forward_variants()) + backward_portable_variants() + sm80_variants()
+            + bwd_sm80_variants())
 
 
 def precompile(archs=None, *, dtypes=None, progress=True, files=None) -> int:

@@ -1,0 +1,315 @@
+"""The tensor-core backward for fp16 / bf16 on sm80 and later (``kernels_cu/bwd_sm80.cu``).
+
+``supports(run)`` says whether a run can take this path (else the portable backward runs),
+``backward_sm80(run)`` launches it, ``variants()`` lists every kernel it can launch (precompile,
+compile tests) and ``plan(run)`` the launch plan (tests, benchmarks).
+
+Kernels, in launch order (see the header of ``bwd_sm80.cu``)::
+
+    (memset)                        dq_accum = 0
+    bwd_sm80_preprocess<T>          D = rowsum(dO * O) and L = lse * log2(e) (+inf for rows without
+                                    keys), padded to sq_pad = seqlen_q rounded up to 128 rows
+    bwd_sm80<T, D, STAGES>          dK, dV per key block (registers), dQ by fp32 red.add into dq_accum
+    bwd_sm80_dq_convert<T>          dq = scale * (sum of the dq_accum splits), in T, with dq's strides
+
+Scratch (``run.empty``): ``vec`` (2, batch, nheads, sq_pad) fp32 (D then L; passed as Params::dsum)
+and ``dq_accum`` (splits, batch, nheads, sq_pad, bucket) fp32.
+
+Deterministic mode: the grid's x dimension is ``splits`` instead of the number of key blocks; block x
+walks key blocks x, x + splits, ... in order and adds its dQ into its own split (a single writer per
+address, reductions applied in program order), and the convert sums the splits in a fixed order:
+bitwise reproducible on a given GPU (the split count depends on the SM count and the shape).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from ._launch import CTYPES, Run, launch, ptr
+
+FILE = "bwd_sm80.cu"
+HEADDIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
+PAD_ROWS = 128            # kBwdSm80Pad: scratch rows per (batch, head) rounded up to this
+ROW_THREADS = 256         # kBwdSm80RowThreads: preprocess / convert, 8 threads per row
+ROWS_PER_BLOCK = 32       # kBwdSm80Rows
+THREADS = 256             # the main kernel: 8 warps
+_DTYPES = ("float16", "bfloat16")
+_GRID_YZ_MAX = 65535
+MAX_SPLIT_BYTES = 1 << 30  # deterministic mode: dq_accum splits use at most this much scratch (or 1 split)
+
+
+@dataclass(frozen=True)
+class Sm80BwdTile:
+    """Mirror of ``Sm80BwdShape`` in ``kernels_cu/traits_bwd_sm80.cuh`` (the compile test checks it)."""
+
+    headdim_bucket: int
+    block_m: int        # query rows per step
+    block_n: int        # keys per block
+    warps_m_s: int      # S / dP warp grid: warps_m_s x (8 / warps_m_s)
+    warps_n_kv: int     # dK / dV warp grid: warps_n_kv (keys) x (8 / warps_n_kv) (columns)
+    warps_m_q: int      # dQ warp grid: warps_m_q (rows) x (8 / warps_m_q) (columns)
+    stages: int = 2     # Q / dO buffers
+
+    threads = THREADS
+
+    @property
+    def smem(self) -> int:
+        """Dynamic shared memory (Sm80BwdShape::kSmemBytes): Q and dO (stages each), K, V, P, dS,
+        and per stage D and L of the rows."""
+        d, bm, bn, st = self.headdim_bucket, self.block_m, self.block_n, self.stages
+        return 2 * st * bm * d * 2 + 2 * bn * d * 2 + 2 * bm * bn * 2 + st * 2 * bm * 4
+
+    @property
+    def acc_regs(self) -> int:
+        """fp32 accumulator registers per thread of the dK / dV tiles (live through the whole loop)."""
+        return 2 * self.block_n * self.headdim_bucket // THREADS
+
+    @property
+    def flops_per_step(self) -> int:
+        """Tensor-core FLOPs of one (query block x key block) step: S, dP, dV, dK, dQ."""
+        return 5 * 2 * self.block_m * self.block_n * self.headdim_bucket
+
+
+# One tile per bucket; "to measure" on an H100 (bf16, seqlen 1k-16k, causal and not) against the
+# alternatives named in benchmarks/NOTES_bwd_sm80.md. Each fits the H100 (227 KB per block); all but 224
+# and 256 fit the A100 (163 KB), which takes the single-stage tiles below for those two.
+TILES = {
+    32: Sm80BwdTile(32, 128, 128, 4, 4, 4),    # FA2's H100 tile (128 x 128, 8 warps)
+    64: Sm80BwdTile(64, 128, 128, 4, 4, 4),    # FA2's H100 tile
+    96: Sm80BwdTile(96, 64, 128, 2, 4, 4),     # FA2's tile
+    128: Sm80BwdTile(128, 64, 128, 2, 4, 2),   # FA2's H100 tile
+    160: Sm80BwdTile(160, 64, 64, 4, 4, 4),    # FA2's tile
+    192: Sm80BwdTile(192, 64, 64, 4, 2, 2),    # FA2's tile
+    224: Sm80BwdTile(224, 64, 64, 4, 4, 4),    # 64 x 64 as 192 / 256 (column groups must be even here)
+    256: Sm80BwdTile(256, 64, 64, 4, 2, 2),    # FA2's H100 tile (FA2 single-buffers dO: 176 KB)
+}
+# Single-stage (Q / dO not double-buffered) versions where the tile above exceeds a 163 KB GPU.
+TILES_SMALL_SMEM = {
+    224: Sm80BwdTile(224, 64, 64, 4, 4, 4, stages=1),   # 128 KB
+    256: Sm80BwdTile(256, 64, 64, 4, 2, 2, stages=1),   # 145 KB (FA2's A100 choice: no double buffering)
+}
+
+
+def bucket(headdim: int) -> int:
+    for d in HEADDIM_BUCKETS:
+        if headdim <= d:
+            return d
+    raise ValueError(f"cuflash: head dim {headdim} is above the largest sm80 backward bucket (256)")
+
+
+def tile_for(headdim: int, smem_limit: int | None = None) -> Sm80BwdTile | None:
+    """The tile for a head dim (1..256) within a per-block shared-memory limit (bytes), None if none fits."""
+    d = bucket(headdim)
+    for table in (TILES, TILES_SMALL_SMEM):
+        t = table.get(d)
+        if t is not None and (smem_limit is None or t.smem <= smem_limit):
+            return t
+    return None
+
+
+def all_tiles() -> list[Sm80BwdTile]:
+    return list(TILES.values()) + list(TILES_SMALL_SMEM.values())
+
+
+def kernel_names(dtype: str, tile: Sm80BwdTile) -> dict[str, str]:
+    t = CTYPES[dtype]
+    return {
+        "preprocess": f"cuflash::bwd_sm80_preprocess<{t}>",
+        "main": f"cuflash::bwd_sm80<{t}, {tile.headdim_bucket}, {tile.stages}>",
+        "convert": f"cuflash::bwd_sm80_dq_convert<{t}>",
+    }
+
+
+def variants() -> list[tuple[str, str]]:
+    """Every (file, name expression) this path can launch: 2 dtypes x (10 tiles + 2) = 24."""
+    out = []
+    for dtype in _DTYPES:
+        for tile in all_tiles():
+            out.append((FILE, kernel_names(dtype, tile)["main"]))
+        names = kernel_names(dtype, TILES[HEADDIM_BUCKETS[0]])
+        out.append((FILE, names["preprocess"]))
+        out.append((FILE, names["convert"]))
+    return out
+
+
+# ---- device properties (cached per device) ------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _device_attr(device_id: int, attr_name: str) -> int:
+    import cupy
+
+    rt = cupy.cuda.runtime
+    return int(rt.deviceGetAttribute(getattr(rt, attr_name), device_id))
+
+
+def _smem_optin(device_id: int) -> int:
+    try:
+        return _device_attr(device_id, "cudaDevAttrMaxSharedMemoryPerBlockOptin")
+    except Exception:  # no device query possible: assume the sm80 limit
+        return 163 * 1024
+
+
+def _num_sms(device_id: int) -> int:
+    try:
+        return _device_attr(device_id, "cudaDevAttrMultiProcessorCount")
+    except Exception:
+        return 132
+
+
+def _arch_number(arch: str) -> int:
+    m = re.search(r"(\d+)", arch or "")
+    return int(m.group(1)) if m else 0
+
+
+# ---- support ---------------------------------------------------------------------------------------
+
+def _rows_16b_aligned(a) -> bool:
+    """(batch, seq, heads, headdim) CuPy array of 2-byte elements: last dim contiguous, base 16-byte
+    aligned, the other strides multiples of 8 elements (strides of extent-1 dimensions unchecked)."""
+    if a is None:
+        return True
+    if a.ndim != 4 or a.itemsize != 2:
+        return False
+    if int(a.data.ptr) % 16:
+        return False
+    if a.shape[3] > 1 and a.strides[3] != a.itemsize:
+        return False
+    for ext, st in zip(a.shape[:3], a.strides[:3]):
+        if ext > 1 and (st % a.itemsize or (st // a.itemsize) % 8):
+            return False
+    return True
+
+
+def _tile(run: Run) -> Sm80BwdTile | None:
+    return tile_for(run.headdim, _smem_optin(run.device_id))
+
+
+def supports(run: Run) -> bool:
+    """True when this path can run ``run`` (else the portable backward must)."""
+    if run.dtype not in _DTYPES or _arch_number(run.arch) < 80:
+        return False
+    if run.dropout_p > 0:  # not implemented in bwd_sm80.cu
+        return False
+    if not 1 <= run.headdim <= 256:
+        return False
+    if min(run.batch, run.seqlen_q, run.seqlen_k, run.nheads, run.nheads_k) < 1:
+        return False
+    if run.nheads % run.nheads_k:
+        return False
+    if run.batch > _GRID_YZ_MAX or run.nheads > _GRID_YZ_MAX:
+        return False
+    if run.lse is None or run.out is None or run.dout is None:
+        return False
+    if not all(_rows_16b_aligned(a) for a in (run.q, run.k, run.v, run.out, run.dout, run.dq, run.dk, run.dv)):
+        return False
+    return _tile(run) is not None
+
+
+# ---- plan ------------------------------------------------------------------------------------------
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=256)
+def deterministic_splits(batch: int, nheads: int, nheads_k: int, seqlen_q: int, seqlen_k: int, tile: Sm80BwdTile,
+                         num_sms: int, max_bytes: int = MAX_SPLIT_BYTES) -> int:
+    """dq_accum splits (grid x) for deterministic mode.
+
+    Block (x, kv head, batch) runs key blocks x, x + s, ...; a wave holds num_sms blocks (one per SM).
+    Estimated time of s splits: ceil(s * batch * nheads_k / num_sms) waves of ceil(n_blocks / s) key
+    blocks each (compute), plus zeroing and summing s fp32 dQ copies (memory). The smallest s within
+    5% of the best estimate wins, under ``max_bytes`` of scratch.
+    """
+    n_blocks = _cdiv(seqlen_k, tile.block_n)
+    group = nheads // nheads_k
+    sq_pad = _cdiv(seqlen_q, PAD_ROWS) * PAD_ROWS
+    split_bytes = batch * nheads * sq_pad * tile.headdim_bucket * 4
+    # one key block over all query blocks of the group, at an assumed 1.5 TFLOP/s per SM
+    t_block = tile.flops_per_step * _cdiv(seqlen_q, tile.block_m) * group / 1.5e12
+    t_bytes = 2 * split_bytes / 2.5e12  # zeroing + reading one split at an assumed 2.5 TB/s
+    best, costs = None, {}
+    for s in range(1, min(n_blocks, 2 * num_sms) + 1):  # more splits than 2 waves of blocks never help
+        if s > 1 and s * split_bytes > max_bytes:
+            break
+        waves = _cdiv(s * batch * nheads_k, num_sms)
+        costs[s] = waves * _cdiv(n_blocks, s) * t_block + s * t_bytes
+        best = costs[s] if best is None else min(best, costs[s])
+    for s, c in costs.items():
+        if c <= 1.05 * best:
+            return s
+    return 1
+
+
+def plan(run: Run, splits: int | None = None, tile: Sm80BwdTile | None = None) -> dict:
+    """Tile, kernel names, splits and grids of this run (exposed for tests and benchmarks)."""
+    tile = tile or _tile(run)
+    if tile is None:
+        raise ValueError("cuflash: no sm80 backward tile fits this GPU's shared memory (use the portable path)")
+    b, h, hk, sq, sk = run.batch, run.nheads, run.nheads_k, run.seqlen_q, run.seqlen_k
+    n_blocks = _cdiv(sk, tile.block_n)
+    if not run.deterministic:
+        splits = 1
+    elif splits is None:
+        splits = deterministic_splits(b, h, hk, sq, sk, tile, _num_sms(run.device_id))
+    splits = max(1, min(int(splits), n_blocks))
+    sq_pad = _cdiv(sq, PAD_ROWS) * PAD_ROWS
+    return {
+        "tile": tile, "names": kernel_names(run.dtype, tile), "splits": splits, "sq_pad": sq_pad,
+        "n_blocks": n_blocks,
+        "grid_rows": (sq_pad // ROWS_PER_BLOCK, h, b),
+        "grid_main": (splits if run.deterministic else n_blocks, hk, b),
+        "grid_convert": (_cdiv(sq, ROWS_PER_BLOCK), h, b),
+    }
+
+
+# ---- launch ----------------------------------------------------------------------------------------
+
+def _empty(run: Run, shape, dtype: str):
+    if getattr(run, "empty", None) is not None:
+        return run.empty(tuple(shape), dtype)
+    import cupy
+
+    with cupy.cuda.Device(run.device_id):
+        return cupy.empty(tuple(shape), dtype)
+
+
+def backward_sm80(run: Run, splits: int | None = None, tile: Sm80BwdTile | None = None) -> None:
+    """dq, dk, dv of ``run`` (views with the caller's strides) through the tensor-core kernels.
+
+    ``splits`` (deterministic mode only) overrides the dq_accum split count and ``tile`` the tile (tests)."""
+    pl = plan(run, splits, tile)
+    tile, names = pl["tile"], pl["names"]
+    b, h, sq_pad = run.batch, run.nheads, pl["sq_pad"]
+    vec = _empty(run, (2, b, h, sq_pad), "float32")
+    dq_accum = _empty(run, (pl["splits"], b, h, sq_pad, tile.headdim_bucket), "float32")
+    run.scratch["bwd_sm80_vec"] = vec            # kept alive with the run (the launches are asynchronous)
+    run.scratch["bwd_sm80_dq_accum"] = dq_accum
+    with run.stream:
+        dq_accum.data.memset_async(0, dq_accum.nbytes)
+    params = run.params(dsum=ptr(vec), dq_accum=ptr(dq_accum), num_splits=pl["splits"])
+    launch(run, FILE, names["preprocess"], pl["grid_rows"], (ROW_THREADS,), params)
+    launch(run, FILE, names["main"], pl["grid_main"], (THREADS,), params, tile.smem)
+    launch(run, FILE, names["convert"], pl["grid_convert"], (ROW_THREADS,), params)
+
+
+def expected_traits_checks() -> list[str]:
+    """static_asserts tying the host table to the kernel traits (compiled by the CPU test)."""
+    out = []
+    for t in all_tiles():
+        d = t.headdim_bucket
+        tr = f"cuflash::Sm80BwdTraits<{d}, {t.stages}>"
+        out.append(f"static_assert({tr}::kSmemBytes == {t.smem}, \"smem {d}\");")
+        out.append(f"static_assert({tr}::kThreads == {t.threads}, \"threads {d}\");")
+        out.append(f"static_assert({tr}::kBM == {t.block_m} && {tr}::kBN == {t.block_n}, \"tile {d}\");")
+        out.append(f"static_assert({tr}::kWMS == {t.warps_m_s} && {tr}::kWNKV == {t.warps_n_kv} && "
+                   f"{tr}::kWMQ == {t.warps_m_q} && {tr}::kStages == {t.stages}, \"warps {d}\");")
+    out.append(f"static_assert(cuflash::kBwdSm80Pad == {PAD_ROWS} && cuflash::kBwdSm80Rows == {ROWS_PER_BLOCK} "
+               f"&& cuflash::kBwdSm80RowThreads == {ROW_THREADS}, \"row kernels\");")
+    return out
+
+
+__all__ = ["supports", "backward_sm80", "variants", "plan", "tile_for", "TILES", "TILES_SMALL_SMEM",
+           "deterministic_splits"]
