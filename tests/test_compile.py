@@ -145,3 +145,36 @@ def test_portable_forward_limits(compiled):
         # static shared memory: K and V tiles in fp32, as the traits say
         assert r["smem"] == 2 * cfg.block_n * d * 4, (n, r)
         assert r["registers"] <= 65536 // cfg.threads, (n, r)  # one block fits an SM
+
+
+def test_concurrent_first_use_compiles_once(tmp_path, monkeypatch):
+    """Threads asking for the same variant at once wait for one compile and share its result."""
+    import threading
+
+    monkeypatch.setenv("CUFLASH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_compile, "_compiled", {})
+    calls = []
+    real = _compile._nvrtc_compile
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(_compile, "_nvrtc_compile", counting)
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(_compile.compile_cubin("fwd_portable.cu", ("cuflash::fwd_portable<float, 64, false>",),
+                                                  "sm_80"))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(calls) == 1, f"{len(calls)} compiles for one variant"
+    assert len({id(r) for r in results}) == 1 and len(results) == 8
