@@ -136,12 +136,7 @@ def variants() -> list[tuple[str, str]]:
 
 # ---- device properties (cached per device) ------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _device_attr(device_id: int, attr_name: str) -> int:
-    import cupy
-
-    rt = cupy.cuda.runtime
-    return int(rt.deviceGetAttribute(getattr(rt, attr_name), device_id))
+from ._launch_sm80 import _device_attr  # noqa: E402  (one cached device-attribute query for both paths)
 
 
 def _smem_optin(device_id: int) -> int:
