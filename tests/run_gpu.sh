@@ -25,6 +25,7 @@ for r in res:
     if r: print("COMPILE FAILED", r)
 print(f"precompiled {len(res)} variants for {arch}")
 PY
+python3 -m cuflash demo --dtype bf16 --causal 2>&1 | tee "$OUT/demo.txt"
 python3 -m pytest -q -rs --durations=10 --maxfail=25 "${@:-tests}" 2>&1 | tee "$OUT/pytest.txt" | tail -40
 rc=${PIPESTATUS[0]}
 if [ -n "${BENCH:-}" ]; then
