@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
+import os
 import secrets
+import sys
+import threading
 
 import numpy as np
 
@@ -186,6 +190,393 @@ def _validate(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, soft
     return c, infos
 
 
+# ---- per-signature plan cache (the fast path) -----------------------------------------------------
+#
+# The first CUDA call of a signature runs the full path above; the second runs it too and records its
+# launches (``_launch.Replay``), so a signature that never comes back (a key length that grows at every
+# decoding step) costs only its key. Later calls with an equal key replay: allocate the outputs and
+# the scratch with the caller's framework, patch the pointers (and the dropout seed) into the recorded
+# Params bytes and launch on the caller's current stream: no validation objects, no CuPy views, no
+# dispatch. The key holds everything that validation and dispatch read: the array class; per array
+# its shape, strides, dtype, device and pointer mod 16 (the sm80 path needs 16-byte aligned rows); the
+# option values, each of a plain type (bool, int, float but -0.0, None, a pair of ints) whose
+# validation depends on the value alone; and the dispatch function (a monkeypatched
+# ``_launch.forward`` records anew). A plan is stored only after its call passed validation, so an
+# equal key means an equal validation outcome; an input that would fail has another key (or none:
+# other types go the full path) and raises there, before anything runs. Fresh memory must come back
+# 16-byte aligned as when recorded, else the call takes the full path. Only torch.Tensor and
+# cupy.ndarray (exact classes) take the fast path, so the JAX integration does through its CuPy
+# views; NumPy, CPU tensors, empty inputs and paths whose recording cannot be explained do not.
+# CUFLASH_NO_FASTPATH=1 at import (or ``_api._FASTPATH = False``) turns it off.
+
+_FASTPATH = os.environ.get("CUFLASH_NO_FASTPATH", "").strip().lower() in ("", "0", "false", "no")
+_PLANS_MAX = 256
+_plans: dict = {}            # key -> _Plan or _NO_PLAN; insertion order = eviction order (bounded FIFO)
+_SEEN_MAX = 1024
+_seen: dict = {}             # keys that came once: the second call of a signature records, later ones replay
+_NO_PLAN = object()          # a signature whose launches cannot be replayed
+_plans_lock = threading.Lock()
+_UNSET = object()
+_kinds: dict = {}            # array class -> "torch" | "cupy" | None
+_SEED_LIMIT = 2**64
+_SCRATCH_ALIGN = 256         # scratch buffers of a replay share one allocation, each at a multiple of this
+_mods: dict = {}             # lazily imported modules and functions of the fast path
+
+
+def _classify(cls):
+    """'torch' / 'cupy' for the exact array classes the fast path takes, else None (cached per class)."""
+    kind = None
+    top = getattr(cls, "__module__", "").split(".", 1)[0]
+    torch = sys.modules.get("torch")
+    cupy = sys.modules.get("cupy")
+    if top == "torch" and torch is not None and cls is torch.Tensor:
+        kind = "torch"
+    elif top == "cupy" and cupy is not None and cls is cupy.ndarray:
+        kind = "cupy"
+    if len(_kinds) < 64:
+        _kinds[cls] = kind
+    return kind
+
+
+def _sig_torch(x):
+    return (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15)
+
+
+def _sig_cupy(x):
+    d = x.data
+    return (x.shape, x.strides, x.dtype, d.device_id, d.ptr & 15)
+
+
+_SIGS = {"torch": _sig_torch, "cupy": _sig_cupy}
+
+
+def _plain_real(x) -> bool:
+    """An int or a float that is not -0.0 (equal keys must mean equal values, bit for bit)."""
+    c = x.__class__
+    return c is int or (c is float and (x != 0.0 or math.copysign(1.0, x) > 0))
+
+
+def _opts_key(causal, softmax_scale, window_size, softcap, dropout_p):
+    """The options' part of a key, or None when one has a type the fast path leaves to validation."""
+    if causal.__class__ is not bool:
+        return None
+    if softmax_scale is not None and not _plain_real(softmax_scale):
+        return None
+    if not (_plain_real(softcap) and _plain_real(dropout_p)):
+        return None
+    wc = window_size.__class__
+    if wc is not tuple:
+        if wc is not list:
+            return None
+        window_size = tuple(window_size)
+    if len(window_size) != 2 or window_size[0].__class__ is not int or window_size[1].__class__ is not int:
+        return None
+    return (causal, softmax_scale, window_size, softcap, dropout_p)
+
+
+def _launch_mod():
+    m = _mods.get("launch")
+    if m is None:
+        from . import _launch as m
+
+        _mods["launch"] = m
+    return m
+
+
+def _fwd_key(q, k, v, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p, seed, deterministic,
+             return_lse, out, num_splits, lse_out):
+    """The plan-cache key of a forward call, or None when the call is not for the fast path."""
+    try:
+        cls = q.__class__
+        kind = _kinds.get(cls, _UNSET)
+        if kind is _UNSET:
+            kind = _classify(cls)
+        if kind is None or k.__class__ is not cls or v.__class__ is not cls:
+            return None
+        if deterministic.__class__ is not bool or return_lse.__class__ is not bool \
+                or num_splits.__class__ is not int or (seed is not None and seed.__class__ is not int):
+            return None
+        opts = _opts_key(causal, softmax_scale, window_size, softcap, dropout_p)
+        if opts is None or _debug_logging():
+            return None
+        sig = _SIGS[kind]
+        extra = [None if a is None else (sig(a) if a.__class__ is cls else _UNSET)
+                 for a in (alibi_slopes, out, lse_out)]
+        if _UNSET in extra:
+            return None
+        return ("fwd", _launch_mod().forward, kind, num_splits, opts, sig(q), sig(k), sig(v), *extra)
+    except Exception:  # e.g. a sparse tensor has no strides: the full path says what is wrong
+        return None
+
+
+def _bwd_key(dout, q, k, v, out, lse, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p, seed,
+             deterministic, dq, dk, dv):
+    """The plan-cache key of a backward call, or None when the call is not for the fast path."""
+    try:
+        cls = q.__class__
+        kind = _kinds.get(cls, _UNSET)
+        if kind is _UNSET:
+            kind = _classify(cls)
+        if kind is None or deterministic.__class__ is not bool:
+            return None
+        if seed is None:
+            if dropout_p:  # the full path raises: dropout needs the forward's seed
+                return None
+        elif seed.__class__ is not int:
+            return None
+        if dout.__class__ is not cls or k.__class__ is not cls or v.__class__ is not cls \
+                or out.__class__ is not cls or lse.__class__ is not cls:
+            return None
+        opts = _opts_key(causal, softmax_scale, window_size, softcap, dropout_p)
+        if opts is None or _debug_logging():
+            return None
+        sig = _SIGS[kind]
+        extra = [None if a is None else (sig(a) if a.__class__ is cls else _UNSET) for a in (alibi_slopes, dq, dk, dv)]
+        if _UNSET in extra:
+            return None
+        return ("bwd", _launch_mod().backward, kind, deterministic, opts, sig(dout), sig(q), sig(k), sig(v),
+                sig(out), sig(lse), *extra)
+    except Exception:
+        return None
+
+
+def _debug_logging() -> bool:
+    """The full path logs each launch at DEBUG level: while that is on, every call takes it."""
+    return _log_enabled(logging.DEBUG)
+
+
+_log_enabled = logging.getLogger("cuflash").isEnabledFor
+
+
+def _first_sighting(key) -> bool:
+    """True the first time a key comes (it is noted); False when it came before: record this call."""
+    if key in _seen:
+        return False
+    with _plans_lock:
+        while len(_seen) >= _SEEN_MAX:
+            try:
+                del _seen[next(iter(_seen))]
+            except (KeyError, StopIteration, RuntimeError):  # pragma: no cover - a concurrent change
+                break
+        _seen[key] = None
+    return True
+
+
+def _remember(key, plan) -> None:
+    with _plans_lock:
+        while len(_plans) >= _PLANS_MAX:
+            try:
+                del _plans[next(iter(_plans))]
+            except (KeyError, StopIteration, RuntimeError):  # pragma: no cover - a concurrent change
+                break
+        _plans[key] = plan
+        _seen.pop(key, None)
+
+
+def clear_plan_cache() -> None:
+    """Forget every recorded plan (each signature takes the full path again twice)."""
+    with _plans_lock:
+        _plans.clear()
+        _seen.clear()
+
+
+class _Recorder:
+    """Set on a Run of a cacheable call: collects its launches and its scratch allocations."""
+
+    def __init__(self, run):
+        self.scratch = []                 # (pointer, nbytes)
+        self._empty = run.empty
+        run.record = self.launches = []
+        run.empty = self.empty
+
+    def empty(self, shape, dtype):
+        a = self._empty(shape, dtype)
+        self.scratch.append((int(a.data.ptr) if a.size else 0, int(a.nbytes)))
+        return a
+
+
+def _layout(sizes):
+    """Offsets of buffers of the given byte sizes in one allocation (each aligned) and its total size."""
+    offs, total = [], 0
+    for n in sizes:
+        offs.append(total)
+        total += -(-int(n) // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    return offs, total
+
+
+class _Plan:
+    """What a replay needs: the recorded launches and how to allocate outputs and scratch."""
+
+    __slots__ = ("replay", "kind", "device_id", "tdevice", "shapes", "dtype", "lse_shape", "layouts")
+
+    def __init__(self, replay, kind, device_id, tdevice, shapes, dtype, lse_shape, scratch_sizes):
+        self.replay = replay
+        self.kind = kind
+        self.device_id = device_id
+        self.tdevice = tdevice          # torch.device of the inputs (torch only)
+        self.shapes = shapes            # output shapes: (o,) forward, (dq, dk, dv) backward
+        self.dtype = dtype              # their dtype (torch.dtype or NumPy dtype)
+        self.lse_shape = lse_shape      # forward only
+        sizes = list(scratch_sizes)
+        lse_bytes = 4 * math.prod(lse_shape) if lse_shape is not None else 0
+        # [False]: scratch only; [True]: the LSE (not returned) first, then the scratch
+        self.layouts = (_layout(sizes), _layout([lse_bytes] + sizes))
+
+
+def _build_plan(key, rec, sources, kind, c, like, shapes, lse_shape, fresh):
+    """Store the plan of a recorded call if it can be replayed exactly (``fresh``: pointers of memory
+    this call allocated, which replays must get equally aligned)."""
+    if any(p % 16 for p in fresh) or any(p % 16 for p, _ in rec.scratch):
+        return  # unusual allocator alignment: try again next time
+    replay = _launch_mod().Replay.build(rec.launches, sources, rec.scratch)
+    if replay is None:  # this signature's path cannot be replayed: never record it again
+        _remember(key, _NO_PLAN)
+        return
+    tdevice = like.device if kind == "torch" else None
+    plan = _Plan(replay, kind, c.device[1], tdevice, shapes, like.dtype, lse_shape, [n for _, n in rec.scratch])
+    _remember(key, plan)
+
+
+def _fast_env():
+    """(torch module or None, cupy module, get current device, raw torch stream getter)."""
+    env = _mods.get("env")
+    if env is None:
+        cupy = _interop._cupy()
+        torch = sys.modules.get("torch")
+        raw = None
+        if torch is not None:
+            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            if raw is None:  # pragma: no cover - older torch
+                def raw(d, _t=torch):
+                    return _t.cuda.current_stream(d).cuda_stream
+        env = _mods["env"] = (torch, cupy, cupy.cuda.runtime.getDevice, raw)
+    return env
+
+
+_stream_handles: dict = {}
+
+
+def _torch_stream(raw, device_id):
+    p = raw(device_id)
+    h = _stream_handles.get(p)
+    if h is None:
+        if len(_stream_handles) > 1024:
+            _stream_handles.clear()
+        h = _stream_handles[p] = _interop._StreamHandle(p)
+    return h
+
+
+def _fwd_replay(plan, q, k, v, alibi, out, lse_out, dropout_p, seed, return_lse):
+    """A cached forward: the result, or None when this call must take the full path after all."""
+    if seed is None:
+        seed = secrets.randbits(63) if dropout_p > 0 else 0
+    elif not 0 <= seed < _SEED_LIMIT:
+        return None
+    torch, cupy, get_device, raw = _fast_env()
+    dev = plan.device_id
+    lse_hidden = lse_out is None and not return_lse     # the LSE is written but not returned: scratch
+    offs, total = plan.layouts[lse_hidden]
+    if get_device() != dev:
+        with cupy.cuda.Device(dev):
+            return _fwd_replay_on(plan, q, k, v, alibi, out, lse_out, seed, return_lse, lse_hidden, offs, total,
+                                  torch, cupy, raw, dev)
+    return _fwd_replay_on(plan, q, k, v, alibi, out, lse_out, seed, return_lse, lse_hidden, offs, total,
+                          torch, cupy, raw, dev)
+
+
+def _fwd_replay_on(plan, q, k, v, alibi, out, lse_out, seed, return_lse, lse_hidden, offs, total, torch, cupy,
+                   raw, dev):
+    fresh = 0
+    if plan.kind == "torch":
+        tdev = plan.tdevice
+        if out is None:
+            out = torch.empty(plan.shapes[0], dtype=plan.dtype, device=tdev)
+            fresh = out.data_ptr()
+        lse = lse_out
+        if lse is None and not lse_hidden:
+            lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=tdev)
+            fresh |= lse.data_ptr()
+        scratch = torch.empty((total,), dtype=torch.uint8, device=tdev) if total else None
+        base = scratch.data_ptr() if total else 0
+        ptrs = [q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                base + offs[0] if lse is None else lse.data_ptr(), 0 if alibi is None else alibi.data_ptr(),
+                0, 0, 0, 0]
+        stream = _torch_stream(raw, dev)
+    else:
+        if out is None:
+            out = cupy.empty(plan.shapes[0], plan.dtype)
+            fresh = out.data.ptr
+        lse = lse_out
+        if lse is None and not lse_hidden:
+            lse = cupy.empty(plan.lse_shape, np.float32)
+            fresh |= lse.data.ptr
+        scratch = cupy.empty((total,), np.uint8) if total else None
+        base = scratch.data.ptr if total else 0
+        ptrs = [q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr,
+                base + offs[0] if lse is None else lse.data.ptr, 0 if alibi is None else alibi.data.ptr,
+                0, 0, 0, 0]
+        stream = cupy.cuda.get_current_stream(dev)
+    if (fresh | base) & 15:
+        return None
+    for off in offs[1:] if lse_hidden else offs:
+        ptrs.append(base + off)
+    plan.replay.launch_all(ptrs, seed, stream)
+    del scratch  # freed after the launches were enqueued, as in the full path (stream-ordered reuse)
+    if return_lse:
+        return out, lse
+    return out
+
+
+def _bwd_replay(plan, dout, q, k, v, out, lse, alibi, dq, dk, dv, seed):
+    """A cached backward: (dq, dk, dv), or None when this call must take the full path after all."""
+    if seed is None:
+        seed = 0
+    elif not 0 <= seed < _SEED_LIMIT:
+        return None
+    torch, cupy, get_device, raw = _fast_env()
+    dev = plan.device_id
+    if get_device() != dev:
+        with cupy.cuda.Device(dev):
+            return _bwd_replay_on(plan, dout, q, k, v, out, lse, alibi, dq, dk, dv, seed, torch, cupy, raw, dev)
+    return _bwd_replay_on(plan, dout, q, k, v, out, lse, alibi, dq, dk, dv, seed, torch, cupy, raw, dev)
+
+
+def _bwd_replay_on(plan, dout, q, k, v, out, lse, alibi, dq, dk, dv, seed, torch, cupy, raw, dev):
+    offs, total = plan.layouts[False]
+    grads = [dq, dk, dv]
+    fresh = 0
+    if plan.kind == "torch":
+        tdev = plan.tdevice
+        for i in range(3):
+            if grads[i] is None:
+                g = grads[i] = torch.empty(plan.shapes[i], dtype=plan.dtype, device=tdev)
+                fresh |= g.data_ptr()
+        scratch = torch.empty((total,), dtype=torch.uint8, device=tdev) if total else None
+        base = scratch.data_ptr() if total else 0
+        ptrs = [x.data_ptr() for x in (q, k, v, out, lse)]
+        ptrs += [0 if alibi is None else alibi.data_ptr(), dout.data_ptr()]
+        ptrs += [g.data_ptr() for g in grads]
+        stream = _torch_stream(raw, dev)
+    else:
+        for i in range(3):
+            if grads[i] is None:
+                g = grads[i] = cupy.empty(plan.shapes[i], plan.dtype)
+                fresh |= g.data.ptr
+        scratch = cupy.empty((total,), np.uint8) if total else None
+        base = scratch.data.ptr if total else 0
+        ptrs = [x.data.ptr for x in (q, k, v, out, lse)]
+        ptrs += [0 if alibi is None else alibi.data.ptr, dout.data.ptr]
+        ptrs += [g.data.ptr for g in grads]
+        stream = cupy.cuda.get_current_stream(dev)
+    if (fresh | base) & 15:
+        return None
+    for off in offs:
+        ptrs.append(base + off)
+    plan.replay.launch_all(ptrs, seed, stream)
+    del scratch
+    return tuple(grads)
+
+
 # ---- attention ---------------------------------------------------------------------------------
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1), alibi_slopes=None,
@@ -242,6 +633,13 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, window_size=(-1, -1)
     -------
     out : array, shape (batch, seqlen_q, nheads, headdim)
         In q's array type, dtype and device. With ``return_lse=True``, ``(out, lse)``.
+
+    Notes
+    -----
+    Host overhead: from the third call with the same signature (CUDA torch tensors or CuPy arrays of
+    the same shapes, strides, dtypes, device, 16-byte alignment and options), the launches recorded on
+    the second call are replayed with the new pointers, skipping dispatch (same results, same errors).
+    ``CUFLASH_NO_FASTPATH=1`` in the environment turns this off.
     """
     if out is None and _torch_autograd_wanted(q, k, v):
         from . import torch as _torch
@@ -270,6 +668,22 @@ def _torch_autograd_wanted(*xs) -> bool:
 def _attention_impl(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p, seed,
                     deterministic, return_lse, out, num_splits, lse_out=None):
     """``attention`` without the autograd routing; ``lse_out`` (internal) receives the LSE in place."""
+    key = None
+    if _FASTPATH:
+        key = _fwd_key(q, k, v, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p, seed,
+                       deterministic, return_lse, out, num_splits, lse_out)
+        if key is not None:
+            plan = _plans.get(key)
+            if plan is None:
+                if _first_sighting(key):
+                    key = None
+            elif plan is _NO_PLAN:
+                key = None
+            else:
+                res = _fwd_replay(plan, q, k, v, alibi_slopes, out, lse_out, dropout_p, seed, return_lse)
+                if res is not None:
+                    return res
+                key = None
     c, infos = _validate(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                          alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed)
     _check_bool("deterministic", deterministic)
@@ -280,7 +694,7 @@ def _attention_impl(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes
 
     if not infos["q"].is_cuda:
         return _attention_cpu(c, q, k, v, alibi_slopes, out, return_lse)
-    return _attention_cuda(c, q, k, v, alibi_slopes, out, return_lse, int(num_splits), lse_out)
+    return _attention_cuda(c, q, k, v, alibi_slopes, out, return_lse, int(num_splits), lse_out, key)
 
 
 def _dropout_mask(c: _Checked):
@@ -356,24 +770,34 @@ def _run(c: _Checked, ctx: _Device, qv, kv, vv, alibi_v, **kw):
                        seed=c.seed, empty=ctx.alloc.scratch, **kw)
 
 
-def _attention_cuda(c, q, k, v, alibi_slopes, out, return_lse, num_splits, lse_out=None):
+def _attention_cuda(c, q, k, v, alibi_slopes, out, return_lse, num_splits, lse_out=None, fast_key=None):
+    """``fast_key``: the call's plan-cache key (None: not cacheable); its launches are recorded."""
     from . import _launch
 
     with _Device(c, q) as ctx:
-        o_native, o = ctx.out((c.batch, c.seqlen_q, c.nheads, c.headdim), c.dtype, out)
+        o_shape, lse_shape = (c.batch, c.seqlen_q, c.nheads, c.headdim), (c.batch, c.nheads, c.seqlen_q)
+        o_native, o = ctx.out(o_shape, c.dtype, out)
         if lse_out is not None:
             lse_native, lse = lse_out, ctx.view(lse_out)
         else:
-            lse_native, lse = ctx.alloc.empty((c.batch, c.nheads, c.seqlen_q), "float32")
+            lse_native, lse = ctx.alloc.empty(lse_shape, "float32")
         if o.size == 0 or lse.size == 0:
             if lse.size:
                 lse.fill(-np.inf)  # no key at all: every row is fully masked
             if o.size:
                 o.fill(0)
         else:
-            run = _run(c, ctx, ctx.view(q), ctx.view(k), ctx.view(v), ctx.view(alibi_slopes),
-                       out=o, lse=lse, num_splits=num_splits)
+            qv, kv, vv, av = ctx.view(q), ctx.view(k), ctx.view(v), ctx.view(alibi_slopes)
+            run = _run(c, ctx, qv, kv, vv, av, out=o, lse=lse, num_splits=num_splits)
+            rec = _Recorder(run) if fast_key is not None else None
             _launch.forward(run)
+            if rec is not None:
+                from ._launch import ptr
+
+                sources = {"q": ptr(qv), "k": ptr(kv), "v": ptr(vv), "alibi": ptr(av), "out": ptr(o),
+                           "lse": ptr(lse)}
+                fresh = ([ptr(o)] if out is None else []) + ([ptr(lse)] if lse_out is None else [])
+                _build_plan(fast_key, rec, sources, c.kind, c, q, (o_shape,), lse_shape, fresh)
         res = ctx.back(o_native) if out is None else out
         if return_lse:
             return res, ctx.back(lse_native)
@@ -402,6 +826,22 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     -------
     (dq, dk, dv) in the inputs' array type.
     """
+    key = None
+    if _FASTPATH:
+        key = _bwd_key(dout, q, k, v, out, lse, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p,
+                       seed, deterministic, dq, dk, dv)
+        if key is not None:
+            plan = _plans.get(key)
+            if plan is None:
+                if _first_sighting(key):
+                    key = None
+            elif plan is _NO_PLAN:
+                key = None
+            else:
+                res = _bwd_replay(plan, dout, q, k, v, out, lse, alibi_slopes, dq, dk, dv, seed)
+                if res is not None:
+                    return res
+                key = None
     if dropout_p and seed is None:
         raise ValueError("cuflash: attention_backward with dropout_p > 0 needs the forward's seed (got None)")
     c, infos = _validate(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
@@ -433,7 +873,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
 
     if not infos["q"].is_cuda:
         return _backward_cpu(c, dout, q, k, v, out, lse, alibi_slopes, dq, dk, dv)
-    return _backward_cuda(c, dout, q, k, v, out, lse, alibi_slopes, bool(deterministic), dq, dk, dv)
+    return _backward_cuda(c, dout, q, k, v, out, lse, alibi_slopes, bool(deterministic), dq, dk, dv, key)
 
 
 def _backward_cpu(c, dout, q, k, v, out, lse, alibi_slopes, dq, dk, dv):
@@ -453,7 +893,8 @@ def _backward_cpu(c, dout, q, k, v, out, lse, alibi_slopes, dq, dk, dv):
     return tuple(res)
 
 
-def _backward_cuda(c, dout, q, k, v, out, lse, alibi_slopes, deterministic, dq, dk, dv):
+def _backward_cuda(c, dout, q, k, v, out, lse, alibi_slopes, deterministic, dq, dk, dv, fast_key=None):
+    """``fast_key``: the call's plan-cache key (None: not cacheable); its launches are recorded."""
     from . import _launch
 
     with _Device(c, q) as ctx:
@@ -469,10 +910,19 @@ def _backward_cuda(c, dout, q, k, v, out, lse, alibi_slopes, deterministic, dq, 
                 if g.size:
                     g.fill(0)
         else:
-            run = _run(c, ctx, ctx.view(q), ctx.view(k), ctx.view(v), ctx.view(alibi_slopes),
-                       out=ctx.view(out), lse=ctx.view(lse), dout=ctx.view(dout), dq=dq_v, dk=dk_v, dv=dv_v,
-                       deterministic=deterministic)
+            views = {"q": ctx.view(q), "k": ctx.view(k), "v": ctx.view(v), "alibi": ctx.view(alibi_slopes),
+                     "out": ctx.view(out), "lse": ctx.view(lse), "dout": ctx.view(dout)}
+            run = _run(c, ctx, views["q"], views["k"], views["v"], views["alibi"], out=views["out"],
+                       lse=views["lse"], dout=views["dout"], dq=dq_v, dk=dk_v, dv=dv_v, deterministic=deterministic)
+            rec = _Recorder(run) if fast_key is not None else None
             _launch.backward(run)
+            if rec is not None:
+                from ._launch import ptr
+
+                sources = {name: ptr(a) for name, a in views.items()}
+                sources.update(dq=ptr(dq_v), dk=ptr(dk_v), dv=ptr(dv_v))
+                fresh = [ptr(g) for g, given in ((dq_v, dq), (dk_v, dk), (dv_v, dv)) if given is None]
+                _build_plan(fast_key, rec, sources, c.kind, c, q, (qshape, kshape, kshape), None, fresh)
         return tuple(ctx.back(n) if given is None else given for n, given in ((dq_n, dq), (dk_n, dk), (dv_n, dv)))
 
 

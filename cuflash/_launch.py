@@ -7,6 +7,8 @@ bytes as the kernel's single by-value argument.
 
 from __future__ import annotations
 
+import array
+import ctypes
 import logging
 import math
 from dataclasses import dataclass, field
@@ -19,9 +21,10 @@ _log = logging.getLogger("cuflash")
 
 _P, _I64, _U64, _I32, _F32, _U32 = "u8", "i8", "u8", "i4", "f4", "u4"
 
+POINTER_FIELDS = ("q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv", "dq_accum", "dsum", "dk_accum", "dv_accum",
+                  "alibi", "o_partial", "lse_partial", "counters")
 PARAMS_FIELDS: list[tuple[str, str]] = (
-    [(n, _P) for n in ("q", "k", "v", "o", "lse", "dout", "dq", "dk", "dv", "dq_accum", "dsum",
-                       "dk_accum", "dv_accum", "alibi", "o_partial", "lse_partial", "counters")]
+    [(n, _P) for n in POINTER_FIELDS]
     + [(f"{t}_{s}_stride", _I64) for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv")
        for s in ("batch", "row", "head")]
     + [("alibi_batch_stride", _I64), ("seed", _U64), ("rng_offset", _U64)]
@@ -82,6 +85,7 @@ class Run:
     path: str | None = None        # filled by dispatch: "portable" | "sm80" | "sm90"
     scratch: dict = field(default_factory=dict)
     empty: object = None           # allocator: empty(shape, dtype_str) -> CuPy array (caller's framework)
+    record: list | None = None     # when a list, every launch / memset is also appended here (plan cache)
 
     @property
     def batch(self) -> int:
@@ -157,6 +161,167 @@ def launch(run: Run, filename: str, name: str, grid, block, params, smem: int = 
     arg = params.view(PARAMS_BYTES)[()] if isinstance(params, np.ndarray) else params
     with run.stream:
         fn(tuple(grid), tuple(block), (arg,), shared_mem=smem)
+    rec = getattr(run, "record", None)
+    if rec is not None:
+        raw = arg.tobytes() if hasattr(arg, "tobytes") else b""
+        rec.append(("launch", filename, name, fn, tuple(grid), tuple(block), smem, raw))
+
+
+def memset(run: Run, a) -> None:
+    """Zero the CuPy array ``a`` (contiguous) on the run's stream; recorded like a launch.
+
+    Device work of a forward or backward path must go through ``launch`` or this function (no CuPy
+    ops): the plan cache (``Replay``) replays exactly what was recorded.
+    """
+    with run.stream:
+        a.data.memset_async(0, a.nbytes)
+    rec = getattr(run, "record", None)
+    if rec is not None:
+        rec.append(("memset", ptr(a), a.nbytes))
+
+
+# ---- record and replay (the per-signature plan cache of _api) ---------------------------------------
+#
+# A call that the plan cache records (the second of its signature) runs the full path with
+# ``run.record`` set: ``launch`` and ``memset`` append what they did. ``Replay.build`` turns that into templates: the recorded Params bytes with the
+# pointer fields (q, k, v, o, lse, alibi, dout, dq, dk, dv by name; scratch pointers by the allocation
+# they fall in) and the seed marked for patching. ``Replay.launch_all`` redoes the launches with the
+# pointers of a new call: no dispatch, no Params filling, one byte copy per distinct template. Every
+# other Params field must be a function of the signature (``rng_offset`` is 0 on every call today; a
+# per-call value would have to be patched like the seed).
+
+# Kernel files whose launch code does all its device work through ``launch`` / ``memset``. A recording
+# that launched anything else is not cached (its path may do device work that a replay would miss).
+# A path joins this list once its host code uses ``memset`` instead of direct CuPy memsets / ops.
+REPLAYABLE_FILES = frozenset({"fwd_portable.cu", "fwd_sm80.cu", "combine.cu", "bwd_portable.cu"})
+
+# Pointer slots of a replay: the named operands, then scratch allocations in allocation order.
+SLOTS = ("q", "k", "v", "out", "lse", "alibi", "dout", "dq", "dk", "dv")
+_FIELD_SLOT = {"q": 0, "k": 1, "v": 2, "o": 3, "lse": 4, "alibi": 5, "dout": 6, "dq": 7, "dk": 8, "dv": 9}
+_PTR_WORDS = tuple((n, PARAMS_DTYPE.fields[n][1] // 8) for n in POINTER_FIELDS)
+_PTR_SLOT_WORDS = tuple((_FIELD_SLOT.get(n), w) for n, w in _PTR_WORDS)
+SEED_WORD = PARAMS_DTYPE.fields["seed"][1] // 8
+_NWORDS = PARAMS_DTYPE.itemsize // 8
+assert PARAMS_DTYPE.itemsize % 8 == 0 and all(PARAMS_DTYPE.fields[n][1] % 8 == 0 for n, _ in _PTR_WORDS)
+
+
+class Replay:
+    """Recorded launches of one signature, replayable with new pointers (see above)."""
+
+    __slots__ = ("blocks", "ops", "nslots")
+
+    def __init__(self, blocks, ops, nslots):
+        self.blocks = blocks    # ((template Params bytes, ((word, slot, byte offset), ...)), ...)
+        self.ops = ops          # (("launch", fn, grid, block, smem, block index) | ("memset", slot, off, n), ...)
+        self.nslots = nslots
+
+    @classmethod
+    def build(cls, record, sources: dict, scratch) -> Replay | None:
+        """``record``: ``Run.record`` of a full-path call; ``sources``: SLOTS name -> pointer of that call
+        (0 or absent when unused); ``scratch``: [(pointer, nbytes)] of its scratch allocations, in
+        order. None when something recorded cannot be explained (then the signature is not cached).
+
+        A pointer field is patched from its named operand when it holds that operand's pointer (by
+        field name, so aliased operands such as ``k is v`` stay apart), else from the one scratch
+        allocation it falls in; a memset's pointer from the scratch allocation it falls in, or the one
+        named operand it equals."""
+        if not record:
+            return None
+        src = [int(sources.get(n) or 0) for n in SLOTS]
+        ranges = [(int(p), int(p) + max(1, int(n))) for p, n in scratch]
+        nsrc = len(SLOTS)
+
+        def in_scratch(val):
+            hit = None
+            for i, (lo, hi) in enumerate(ranges):
+                if lo <= val < hi:
+                    if hit is not None:
+                        return None
+                    hit = (nsrc + i, val - lo)
+            return hit
+
+        blocks, index, ops = [], {}, []
+        for entry in record:
+            if entry[0] == "memset":
+                _, p, n = entry
+                p = int(p)
+                where = in_scratch(p)
+                named = [i for i, sp in enumerate(src) if sp == p]
+                if where is None and len(named) == 1:
+                    where = (named[0], 0)
+                elif where is not None and named:
+                    where = None
+                if where is None:
+                    return None
+                ops.append(("memset", where[0], where[1], int(n)))
+                continue
+            _, filename, _name, fn, grid, block, smem, raw = entry
+            if filename not in REPLAYABLE_FILES or len(raw) != PARAMS_DTYPE.itemsize:
+                return None
+            words = memoryview(raw).cast("Q").tolist()
+            patches = []
+            for slot, w in _PTR_SLOT_WORDS:
+                val = words[w]
+                if not val:
+                    continue
+                if slot is not None and src[slot] == val:
+                    patches.append((w, slot, 0))
+                else:
+                    where = in_scratch(val)
+                    if where is None:
+                        return None
+                    patches.append((w, where[0], where[1]))
+                words[w] = 0
+            words[SEED_WORD] = 0
+            blk = (array.array("Q", words).tobytes(), tuple(patches))
+            b = index.get(blk)
+            if b is None:
+                b = index[blk] = len(blocks)
+                blocks.append(blk)
+            ops.append(("launch", fn, tuple(grid), tuple(block), int(smem), b))
+        return cls(tuple(blocks), tuple(ops), nsrc + len(ranges))
+
+    def launch_all(self, ptrs, seed: int, stream) -> None:
+        """Replay on ``stream`` (anything with ``.ptr``) in the current device's context. ``ptrs``: one
+        pointer per slot (SLOTS, then each scratch allocation's base)."""
+        bufs = []
+        for tmpl, patches in self.blocks:
+            buf = _Words.from_buffer_copy(tmpl)
+            for w, s, off in patches:
+                buf[w] = ptrs[s] + off
+            buf[SEED_WORD] = seed
+            bufs.append(buf)
+        for op in self.ops:
+            if op[0] == "launch":
+                _, fn, grid, block, smem, b = op
+                fn(grid, block, (_arg(bufs[b]),), shared_mem=smem, stream=stream)
+            else:
+                _, s, off, n = op
+                _memset_async(ptrs[s] + off, n, stream)
+
+
+_Words = ctypes.c_uint64 * _NWORDS
+_CPointer = None
+
+
+def _arg(buf):
+    """The kernel argument for a Params buffer: CuPy's by-address argument (cuLaunchKernel copies the
+    bytes at launch), else a one-element array that CuPy passes by value."""
+    global _CPointer
+    if _CPointer is None:
+        try:
+            from cupy.cuda.function import CPointer as _CPointer
+        except Exception:  # pragma: no cover - depends on the CuPy build
+            _CPointer = False
+    if _CPointer is not False:
+        return _CPointer(ctypes.addressof(buf))
+    return np.frombuffer(buf, dtype=PARAMS_BYTES)  # pragma: no cover
+
+
+def _memset_async(p: int, n: int, stream) -> None:
+    import cupy
+
+    cupy.cuda.runtime.memsetAsync(p, 0, n, stream.ptr)
 
 
 # ---- forward -------------------------------------------------------------------------------------
