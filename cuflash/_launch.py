@@ -193,7 +193,7 @@ def memset(run: Run, a) -> None:
 # Kernel files whose launch code does all its device work through ``launch`` / ``memset``. A recording
 # that launched anything else is not cached (its path may do device work that a replay would miss).
 # A path joins this list once its host code uses ``memset`` instead of direct CuPy memsets / ops.
-REPLAYABLE_FILES = frozenset({"fwd_portable.cu", "fwd_sm80.cu", "combine.cu", "bwd_portable.cu"})
+REPLAYABLE_FILES = frozenset({"fwd_portable.cu", "fwd_sm80.cu", "combine.cu", "bwd_portable.cu", "bwd_sm80.cu"})
 
 # Pointer slots of a replay: the named operands, then scratch allocations in allocation order.
 SLOTS = ("q", "k", "v", "out", "lse", "alibi", "dout", "dq", "dk", "dv")

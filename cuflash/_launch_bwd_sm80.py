@@ -9,7 +9,8 @@ Kernels, in launch order (see the header of ``bwd_sm80.cu``)::
     (memset)                        dq_accum = 0
     bwd_sm80_preprocess<T>          D = rowsum(dO * O) and L = lse * log2(e) (+inf for rows without
                                     keys), padded to sq_pad = seqlen_q rounded up to 128 rows
-    bwd_sm80<T, D, STAGES>          dK, dV per key block (registers), dQ by fp32 red.add into dq_accum
+    bwd_sm80<T, D, STAGES[, true]>  dK, dV per key block (registers), dQ by fp32 red.add into dq_accum
+                                    (", true": the DROPOUT variant, for dropout_p > 0)
     bwd_sm80_dq_convert<T>          dq = scale * (sum of the dq_accum splits), in T, with dq's strides
 
 Scratch (``run.empty``): ``vec`` (2, batch, nheads, sq_pad) fp32 (D then L; passed as Params::dsum)
@@ -27,6 +28,7 @@ import functools
 import re
 from dataclasses import dataclass
 
+from . import _launch
 from ._launch import CTYPES, Run, launch, ptr
 
 FILE = "bwd_sm80.cu"
@@ -113,21 +115,25 @@ def all_tiles() -> list[Sm80BwdTile]:
     return list(TILES.values()) + list(TILES_SMALL_SMEM.values())
 
 
-def kernel_names(dtype: str, tile: Sm80BwdTile) -> dict[str, str]:
+def kernel_names(dtype: str, tile: Sm80BwdTile, dropout: bool = False) -> dict[str, str]:
+    """The three kernels of a run; ``dropout`` (dropout_p > 0) picks the main kernel's DROPOUT variant
+    (the template flag defaults to false: the no-dropout names are unchanged)."""
     t = CTYPES[dtype]
+    drop = ", true" if dropout else ""
     return {
         "preprocess": f"cuflash::bwd_sm80_preprocess<{t}>",
-        "main": f"cuflash::bwd_sm80<{t}, {tile.headdim_bucket}, {tile.stages}>",
+        "main": f"cuflash::bwd_sm80<{t}, {tile.headdim_bucket}, {tile.stages}{drop}>",
         "convert": f"cuflash::bwd_sm80_dq_convert<{t}>",
     }
 
 
 def variants() -> list[tuple[str, str]]:
-    """Every (file, name expression) this path can launch: 2 dtypes x (10 tiles + 2) = 24."""
+    """Every (file, name expression) this path can launch: 2 dtypes x (10 tiles x 2 (dropout or not) + 2) = 44."""
     out = []
     for dtype in _DTYPES:
         for tile in all_tiles():
             out.append((FILE, kernel_names(dtype, tile)["main"]))
+            out.append((FILE, kernel_names(dtype, tile, dropout=True)["main"]))
         names = kernel_names(dtype, TILES[HEADDIM_BUCKETS[0]])
         out.append((FILE, names["preprocess"]))
         out.append((FILE, names["convert"]))
@@ -185,8 +191,7 @@ def supports(run: Run) -> bool:
     """True when this path can run ``run`` (else the portable backward must)."""
     if run.dtype not in _DTYPES or _arch_number(run.arch) < 80:
         return False
-    if run.dropout_p > 0:  # not implemented in bwd_sm80.cu
-        return False
+    # Dropout: every tile has a spill-free DROPOUT variant (kernel_names(..., dropout=True)).
     if not 1 <= run.headdim <= 256:
         return False
     if min(run.batch, run.seqlen_q, run.seqlen_k, run.nheads, run.nheads_k) < 1:
@@ -252,7 +257,7 @@ def plan(run: Run, splits: int | None = None, tile: Sm80BwdTile | None = None) -
     splits = max(1, min(int(splits), n_blocks))
     sq_pad = _cdiv(sq, PAD_ROWS) * PAD_ROWS
     return {
-        "tile": tile, "names": kernel_names(run.dtype, tile), "splits": splits, "sq_pad": sq_pad,
+        "tile": tile, "names": kernel_names(run.dtype, tile, run.dropout_p > 0), "splits": splits, "sq_pad": sq_pad,
         "n_blocks": n_blocks,
         "grid_rows": (sq_pad // ROWS_PER_BLOCK, h, b),
         "grid_main": (splits if run.deterministic else n_blocks, hk, b),
@@ -282,8 +287,7 @@ def backward_sm80(run: Run, splits: int | None = None, tile: Sm80BwdTile | None 
     dq_accum = _empty(run, (pl["splits"], b, h, sq_pad, tile.headdim_bucket), "float32")
     run.scratch["bwd_sm80_vec"] = vec            # kept alive with the run (the launches are asynchronous)
     run.scratch["bwd_sm80_dq_accum"] = dq_accum
-    with run.stream:
-        dq_accum.data.memset_async(0, dq_accum.nbytes)
+    _launch.memset(run, dq_accum)  # through the launch layer, so the fast path records and replays it
     params = run.params(dsum=ptr(vec), dq_accum=ptr(dq_accum), num_splits=pl["splits"])
     launch(run, FILE, names["preprocess"], pl["grid_rows"], (ROW_THREADS,), params)
     launch(run, FILE, names["main"], pl["grid_main"], (THREADS,), params, tile.smem)

@@ -39,9 +39,11 @@ def _cbool(b: bool) -> str:
     return "true" if b else "false"
 
 
-def kernel_name(dtype: str, tile: _config.Sm80Tile) -> str:
+def kernel_name(dtype: str, tile: _config.Sm80Tile, dropout: bool = False) -> str:
+    """The kernel for a tile; ``dropout`` (dropout_p > 0) picks its DROPOUT variant (the template flag
+    defaults to false, so the names of the no-dropout kernels are unchanged)."""
     return (f"cuflash::fwd_sm80<{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.block_m}, {tile.block_n}, "
-            f"{tile.warps}, {tile.stages}, {_cbool(tile.q_in_regs)}>")
+            f"{tile.warps}, {tile.stages}, {_cbool(tile.q_in_regs)}{', true' if dropout else ''}>")
 
 
 def combine_name(dtype: str) -> str:
@@ -49,8 +51,9 @@ def combine_name(dtype: str) -> str:
 
 
 def variants() -> list[tuple[str, str]]:
-    """Every (file, name expression) this path can launch."""
-    out = [(FWD_FILE, kernel_name(dt, t)) for dt in _DTYPES for t in _config.sm80_forward_tiles()]
+    """Every (file, name expression) this path can launch: each tile with and without dropout."""
+    out = [(FWD_FILE, kernel_name(dt, t, drop)) for drop in (False, True) for dt in _DTYPES
+           for t in _config.sm80_forward_tiles()]
     out += [(COMBINE_FILE, combine_name(dt)) for dt in ("float16", "bfloat16", "float32")]
     return out
 
@@ -113,8 +116,8 @@ def supports(run) -> bool:
         return False
     if not 1 <= run.headdim <= 256:
         return False
-    if run.dropout_p > 0:  # not implemented in this kernel yet (see DROPOUT HOOK in fwd_sm80.cu)
-        return False
+    # Dropout: every tile has a spill-free DROPOUT variant (kernel_name(..., dropout=True)), so no
+    # restriction here.
     if min(run.batch, run.seqlen_q, run.seqlen_k, run.nheads, run.nheads_k) < 1:
         return False
     if run.batch > _GRID_YZ_MAX or run.nheads > _GRID_YZ_MAX:
@@ -188,7 +191,8 @@ def forward_sm80(run) -> None:
         run.scratch["o_partial"], run.scratch["lse_partial"] = o_part, lse_part  # alive until enqueued
         extra["o_partial"], extra["lse_partial"] = ptr(o_part), ptr(lse_part)
     params = run.params(**extra)
-    launch(run, FWD_FILE, kernel_name(run.dtype, tile), pl["grid"], (tile.threads,), params, tile.smem)
+    launch(run, FWD_FILE, kernel_name(run.dtype, tile, run.dropout_p > 0), pl["grid"], (tile.threads,), params,
+           tile.smem)
     if splits > 1:
         rows = run.batch * run.nheads * run.seqlen_q
         launch(run, COMBINE_FILE, combine_name(run.dtype), (-(-rows // _COMBINE_ROWS_PER_BLOCK),), (128,),

@@ -39,7 +39,13 @@
 // only writer of each address of its split, and its reds are applied in program order, so every
 // split, and the convert's fixed-order sum over splits, is bitwise reproducible.
 //
-// Dropout is not implemented here: the host routes dropout_p > 0 elsewhere.
+// Dropout (bwd_sm80<T, D, STAGES, DROPOUT = true>; false compiles it out), with the notation of
+// bwd_common.cuh (keep mask Z, r = 1 / (1 - p)): the keep bits of a thread's score fragments are drawn
+// from Philox (philox.cuh: the forward's mask bit for bit; one call per 4 keys of a row, shared by a lane
+// pair through a shuffle) and carried into the P tile as sign bits: P is stored with the sign bit set
+// where dropped (P >= 0, so the sign bit is free). The dS step reads its P back, takes |P| for
+// dS = P (Z r dP - D) (the undropped P; dropped pairs get -P D), and rewrites its P entries with the
+// dropped ones zeroed: the dV GEMM then sums P Z dO, and r is applied to dV once in the epilogue.
 #include "bwd_common.cuh"
 #include "mma.cuh"
 #include "traits_bwd_sm80.cuh"
@@ -196,7 +202,7 @@ template <bool B> struct BoolC { static constexpr bool value = B; };
 
 }
 
-template <typename T, int D, int STAGES>
+template <typename T, int D, int STAGES, bool DROPOUT = false>
 __global__ void __launch_bounds__(Sm80BwdTraits<D, STAGES>::kThreads, 1)
 bwd_sm80(const Params p) {
     using namespace sm80bwd;
@@ -361,6 +367,24 @@ bwd_sm80(const Params p) {
                 const int pchunk = wn_s(ft) * NTS;
                 ost = (u32)((pchunk >> 3) * BM * 128 + rbase * 128 + (((pchunk & 7) ^ fg(ft)) << 4) + 4 * ftq(ft));
             };
+            // Dropout: the keep bits of this thread's score fragments (rows rbase + 16 mt + 8 hh of head h,
+            // keys n0 + wn_s TN_S + 8 nt + 2 tq + e): bits u, u + 16 (u = (2 mt + hh) NTS / 2 + nt / 2) of
+            // keep_even (nt even) / keep_odd (nt odd), see dropout_frag_keep. drop_sign gives the sign bits
+            // of the dropped entries of a packed pair (e = 0 low, e = 1 high).
+            u32 keep_even = 0, keep_odd = 0;
+            if constexpr (DROPOUT) {
+                const int ft = opaque(tid);
+                const int row0 = m0 + wm_s(ft) * Tr::kTMS + fg(ft);
+                dropout_frag_keep<2 * MTS, NTS / 2>(p, opaque(b), n0 + wn_s(ft) * Tr::kTNS, ft & 31,
+                                                    [&](int ri, int& i, int& hq) {
+                                                        i = row0 + 16 * (ri >> 1) + 8 * (ri & 1);
+                                                        hq = h;
+                                                    }, keep_even, keep_odd);
+            }
+            auto drop_sign = [&](int mt, int hh, int nt) -> u32 {
+                const u32 w = (nt & 1) ? keep_odd : keep_even;
+                return ((~w >> ((2 * mt + hh) * (NTS / 2) + (nt >> 1))) & 0x10001u) << 15;
+            };
             {
                 float s[MTS][NTS][4];
                 gemm_nt(s, sQ, sK);
@@ -399,8 +423,12 @@ bwd_sm80(const Params p) {
                                         if (M) arg = (8 * nt + e >= lo && 8 * nt + e <= hi) ? arg : -INFINITY;
                                         pr[e] = sm80::ex2(arg);
                                     }
-                                    sts_u32(sP + (ost ^ (u32)(nt << 4)) + (u32)((16 * mt + 8 * hh) * 128),
-                                            pack2<T>(pr[0], pr[1]));
+                                    if constexpr (DROPOUT)
+                                        sts_u32(sP + (ost ^ (u32)(nt << 4)) + (u32)((16 * mt + 8 * hh) * 128),
+                                                pack2<T>(pr[0], pr[1]) | drop_sign(mt, hh, nt));
+                                    else
+                                        sts_u32(sP + (ost ^ (u32)(nt << 4)) + (u32)((16 * mt + 8 * hh) * 128),
+                                                pack2<T>(pr[0], pr[1]));
                                 }
                             }
                     };
@@ -441,7 +469,8 @@ bwd_sm80(const Params p) {
                                     pc[e] = pr[e] * fmaf(-t, t, 1.f);
                                 }
                                 const u32 off = (ost ^ (u32)(nt << 4)) + (u32)((16 * mt + 8 * hh) * 128);
-                                sts_u32(sP + off, pack2<T>(pr[0], pr[1]));
+                                if constexpr (DROPOUT) sts_u32(sP + off, pack2<T>(pr[0], pr[1]) | drop_sign(mt, hh, nt));
+                                else sts_u32(sP + off, pack2<T>(pr[0], pr[1]));
                                 sts_u32(sdS + off, pack2<T>(pc[0], pc[1]));
                             }
                         }
@@ -464,9 +493,23 @@ bwd_sm80(const Params p) {
                         for (int nt = 0; nt < NTS; ++nt) {
                             const u32 off = (ost ^ (u32)(nt << 4)) + (u32)((16 * mt + 8 * hh) * 128);
                             float p0, p1;
-                            unpack2<T>(lds_u32(src + off), p0, p1);
-                            sts_u32(sdS + off,
-                                    pack2<T>(p0 * (dp[mt][nt][2 * hh] - dd), p1 * (dp[mt][nt][2 * hh + 1] - dd)));
+                            if constexpr (DROPOUT) {
+                                // P with the sign bits of the dropped entries (see the header); with softcap
+                                // the factor P (1 - tanh^2) comes from the dS tile as without dropout.
+                                const u32 pw = lds_u32(sP + off);
+                                const u32 dropped = (pw >> 15) & 0x10001u;  // bit 0: e = 0, bit 16: e = 1
+                                if (transform) unpack2<T>(lds_u32(sdS + off), p0, p1);
+                                else unpack2<T>(pw & 0x7fff7fffu, p0, p1);
+                                const float r = p.dropout_scale;
+                                const float g0 = (dropped & 1u) ? -dd : dp[mt][nt][2 * hh] * r - dd;
+                                const float g1 = (dropped >> 16) ? -dd : dp[mt][nt][2 * hh + 1] * r - dd;
+                                sts_u32(sdS + off, pack2<T>(p0 * g0, p1 * g1));
+                                sts_u32(sP + off, pw & ~(dropped * 0xffffu));  // dV's operand: P Z
+                            } else {
+                                unpack2<T>(lds_u32(src + off), p0, p1);
+                                sts_u32(sdS + off,
+                                        pack2<T>(p0 * (dp[mt][nt][2 * hh] - dd), p1 * (dp[mt][nt][2 * hh + 1] - dd)));
+                            }
                         }
                     }
             }
@@ -568,6 +611,7 @@ bwd_sm80(const Params p) {
         {
             const int ft = opaque(tid);
             const float sc = p.scale;
+            const float dvs = DROPOUT ? p.dropout_scale : 1.f;  // dV = r sum P Z dO
 #pragma unroll
             for (int i = 0; i < MTKV; ++i)
 #pragma unroll
@@ -578,7 +622,10 @@ bwd_sm80(const Params p) {
                         const int chunk = 2 * (wd_kv(ft) + Tr::kWDKV * (n >> 1)) + (n & 1);
                         const u32 off = chunk_off<BN, D>(row, chunk) + 4 * ftq(ft);
                         sts_u32(sK + off, pack2<T>(acc_dk[i][n][2 * hh] * sc, acc_dk[i][n][2 * hh + 1] * sc));
-                        sts_u32(sV + off, pack2<T>(acc_dv[i][n][2 * hh], acc_dv[i][n][2 * hh + 1]));
+                        if constexpr (DROPOUT)
+                            sts_u32(sV + off, pack2<T>(acc_dv[i][n][2 * hh] * dvs, acc_dv[i][n][2 * hh + 1] * dvs));
+                        else
+                            sts_u32(sV + off, pack2<T>(acc_dv[i][n][2 * hh], acc_dv[i][n][2 * hh + 1]));
                     }
         }
         __syncthreads();

@@ -28,12 +28,16 @@
 //     state is recomputed per tile, block scalars and (kStatsInSmem) the row statistics live in
 //     shared memory between tiles: ptxas would otherwise spill. tests/test_sm80_compile.py checks
 //     0 spills / 0 stack for every variant on sm_80 and sm_90a.
-//
-// Dropout (Params::dropout_p > 0) is not implemented here yet; the host never selects this kernel
-// for it. Its hook is marked "DROPOUT HOOK" below: P (after exp2, before rounding to 16 bits) is
-// where a kept/dropped mask and the 1 / (1 - p) scale would apply, l staying the undropped sum.
+//   * Dropout (DROPOUT = true, the variants for Params::dropout_p > 0; false compiles it out): the keep
+//     bits of the tile's fragments are drawn per tile (Philox, philox.cuh: one call per 4 keys of a
+//     row, shared by a lane pair through one shuffle; 1 or 2 registers of bits), before S = Q K^T or
+//     after the softmax (kDropLate: whichever ptxas keeps spill-free). The softmax statistics stay those
+//     of the undropped P (l sums it, the LSE is the undropped one); dropped entries are zeroed in the
+//     16-bit P operand of O += P V, and 1 / (1 - p) joins 1 / l in the epilogue (split-KV partials too:
+//     the combine is linear in them). Packed GQA rows draw with their true (query, head).
 #include "mask.cuh"
 #include "mma.cuh"
+#include "philox.cuh"
 #include "softmax.cuh"
 #include "traits_sm80.cuh"
 
@@ -189,12 +193,18 @@ __device__ __forceinline__ u32 pick4(u32 a, u32 b, u32 c, u32 d, int i) {
 
 }  // namespace sm80
 
-template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool QREGS>
+template <typename T, int D, int BM, int BN, int WARPS, int STAGES, bool QREGS, bool DROPOUT = false>
 __global__ void __launch_bounds__(WARPS * 32)
 fwd_sm80(const Params p) {
     using namespace sm80;
     using Tr = Sm80FwdTraits<D, BM, BN, WARPS, STAGES, QREGS>;
     constexpr int kMT = Tr::kMT, kNT = Tr::kNT, kKS = Tr::kKS, kDT = Tr::kDT, kKS2 = Tr::kKS2;
+    // Dropout: the keep bits fit one register when the thread has at most 8 (row, n8 tile pair) items.
+    // They are drawn before S = Q K^T (then held through it) for the 32 x 64 score tiles per warp, after
+    // the softmax (the score tile held through the draws) for the smaller ones: the placements for
+    // which ptxas does not spill (either one spills some variant on sm_90a).
+    constexpr bool kDropOneWord = 2 * kMT * (kNT / 2) <= 8;
+    constexpr bool kDropLate = kMT * kNT <= 8;
     extern __shared__ __align__(1024) unsigned char smem[];
 
     {   // The host must have given the traits' dynamic shared memory: fail loudly, never corrupt.
@@ -384,6 +394,23 @@ fwd_sm80(const Params p) {
         const u32 slot = (u32)((it % STAGES) * Tr::kKVBytes);
         const u32 sK = sK0 + slot, sV = sV0 + slot;
 
+        // Dropout keep bits of this tile: drawn here, before the score tile takes its registers (K(it)
+        // may still be landing), or with kDropLate after the softmax (where ptxas spills otherwise).
+        u32 keep_even = 0, keep_odd = 0;
+        auto draw_keep = [&]() {
+            const BlockPos fb = block_pos<BM>(p, sreg_ctaid());  // recomputed: see sreg_tid
+            const int ft = sreg_tid();
+            const int frow0 = fb.m0 + (ft >> 5) * Tr::kWarpRows + ((ft & 31) >> 2);
+            dropout_frag_keep<2 * kMT, kNT / 2>(p, fb.b, k0, ft & 31, [&](int ri, int& i, int& h) {
+                const int r = frow0 + (ri >> 1) * 16 + (ri & 1) * 8;  // ri = 2 mt + half
+                i = sm80::query_of(fb, r);
+                h = sm80::head_of(fb, r);
+            }, keep_even, keep_odd);
+            // With at most 8 (row, tile pair) items (bits 0-7 and 16-23) both fit one register.
+            if constexpr (kDropOneWord) keep_even |= keep_odd << 8;
+        };
+        if constexpr (DROPOUT && !kDropLate) draw_keep();
+
         cp_async_wait<kWait>();  // K(it) has landed (and Q with it)
         __syncthreads();         // ... for every thread; and every warp is done with V(it - 1)
         issue_v(it + STAGES - 1);  // into the slot V(it - 1) used
@@ -494,7 +521,8 @@ fwd_sm80(const Params p) {
         stats_load();
         softmax_rescale<kMT, kNT, kDT, Tr::kSkipRescale>(s, acc_o, row_m, row_l, mult);
         stats_store();
-        // DROPOUT HOOK: s now holds the unnormalised probabilities of this tile (row_l has their sum).
+        // s now holds the unnormalised probabilities of this tile (row_l has their undropped sum).
+        if constexpr (DROPOUT && kDropLate) draw_keep();
 
         cp_async_wait<kWait>();  // V(it) has landed
         __syncthreads();         // ... for every thread; and every warp is done with K(it)
@@ -511,6 +539,13 @@ fwd_sm80(const Params p) {
                 a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
                 a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
                 a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                if constexpr (DROPOUT) {  // row 2 mt + half, n8 tiles 2 kk (even word), 2 kk + 1 (odd word)
+                    a[mt][0] &= dropout_mask16(keep_even, (2 * mt) * (kNT / 2) + kk);
+                    a[mt][1] &= dropout_mask16(keep_even, (2 * mt + 1) * (kNT / 2) + kk);
+                    const u32 wodd = kDropOneWord ? keep_even : keep_odd;
+                    a[mt][2] &= dropout_mask16(wodd, (2 * mt) * (kNT / 2) + kk + (kDropOneWord ? 8 : 0));
+                    a[mt][3] &= dropout_mask16(wodd, (2 * mt + 1) * (kNT / 2) + kk + (kDropOneWord ? 8 : 0));
+                }
             }
 #pragma unroll
             for (int dp = 0; dp < kDT / 2; ++dp) {
@@ -535,7 +570,7 @@ fwd_sm80(const Params p) {
 #pragma unroll
     for (int ri = 0; ri < 2 * kMT; ++ri) {
         const bool any = row_l[ri] > 0.f;
-        inv_l[ri] = any ? 1.f / row_l[ri] : 0.f;
+        inv_l[ri] = any ? (DROPOUT ? p.dropout_scale : 1.f) / row_l[ri] : 0.f;  // 1 / (1 - p): dropout
         lse2[ri] = any ? row_m[ri] * mult + log2f(row_l[ri]) : -INFINITY;
     }
 

@@ -69,7 +69,8 @@ def compiled():
 
 def test_variant_list():
     v = L.variants()
-    assert len(v) == len(set(v)) == 2 * (len(L.TILES) + len(L.TILES_SMALL_SMEM) + 2) == 24
+    # every tile with and without dropout, plus preprocess and convert, for both dtypes
+    assert len(v) == len(set(v)) == 2 * (2 * (len(L.TILES) + len(L.TILES_SMALL_SMEM)) + 2) == 44
     assert {f for f, _ in v} == {"bwd_sm80.cu"}
     names = [n for _, n in v]
     for ct in ("cuflash::half_t", "cuflash::bf16_t"):
@@ -77,8 +78,10 @@ def test_variant_list():
         assert f"cuflash::bwd_sm80_dq_convert<{ct}>" in names
         for d in L.HEADDIM_BUCKETS:
             assert f"cuflash::bwd_sm80<{ct}, {d}, 2>" in names
+            assert f"cuflash::bwd_sm80<{ct}, {d}, 2, true>" in names
         for d in L.TILES_SMALL_SMEM:
             assert f"cuflash::bwd_sm80<{ct}, {d}, 1>" in names
+            assert f"cuflash::bwd_sm80<{ct}, {d}, 1, true>" in names
 
 
 def test_every_headdim_has_a_tile():
@@ -89,6 +92,7 @@ def test_every_headdim_has_a_tile():
             assert t is not None and t.headdim_bucket >= hd and t.headdim_bucket - hd < 32, (hd, limit)
             assert limit is None or t.smem <= limit
             assert L.kernel_names("bfloat16", t)["main"] in names
+            assert L.kernel_names("bfloat16", t, dropout=True)["main"] in names
         assert L.tile_for(hd, 227 * 1024).stages == 2
     assert L.tile_for(256, 163 * 1024).stages == 1 and L.tile_for(128, 163 * 1024).stages == 2
     assert L.tile_for(64, 99 * 1024) is None  # sm86 / sm89: the portable path
@@ -230,7 +234,9 @@ def test_supports_rules(monkeypatch):
     assert L.supports(_fake_run())
     assert not L.supports(_fake_run(dtype="float32"))
     assert not L.supports(_fake_run(arch="sm_75"))
-    assert not L.supports(_fake_run(dropout_p=0.1))
+    assert L.supports(_fake_run(dropout_p=0.1))                          # the DROPOUT variants
+    assert L.plan(_fake_run(dropout_p=0.1))["names"]["main"] == "cuflash::bwd_sm80<cuflash::bf16_t, 64, 2, true>"
+    assert L.plan(_fake_run())["names"]["main"] == "cuflash::bwd_sm80<cuflash::bf16_t, 64, 2>"
     assert not L.supports(_fake_run(shape=(1, 10, 10, 2, 2, 59)))        # rows not 16-byte aligned
     assert L.supports(_fake_run(shape=(1, 10, 10, 2, 2, 59), pad=64))    # padded rows are
     r = _fake_run()

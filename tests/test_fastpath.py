@@ -732,9 +732,8 @@ def test_replay_build_refuses_what_it_cannot_explain():
     # a pointer that is no operand of its field and in no scratch allocation
     assert _launch.Replay.build([("launch", "fwd_sm80.cu", "x", fn, (1,), (1,), 0, _params(q=1000, o=5))],
                                 {"q": 1000}, []) is None
-    # a kernel file whose host code may do device work outside launch / memset: bwd_sm80.cu zeroes its
-    # dq_accum with a direct memset_async (it joins REPLAYABLE_FILES once that goes through _launch.memset)
-    for other in ("other.cu", "bwd_sm80.cu"):
+    # a kernel file whose host code may do device work outside launch / memset is not replayed
+    for other in ("other.cu",):
         assert _launch.Replay.build([("launch", other, "x", fn, (1,), (1,), 0, ok)], {"q": 1000}, []) is None
     assert _launch.Replay.build([], {"q": 1000}, []) is None
     # memsets of scratch are replayed; of unknown memory refused
@@ -746,11 +745,15 @@ def test_replay_build_refuses_what_it_cannot_explain():
 
 def test_replayable_paths_do_all_device_work_through_launch():
     """Record / replay sees only ``launch`` and ``memset``: the paths it replays must do nothing else."""
-    for fn in (_launch.forward_portable, _launch_sm80.forward_sm80, _launch_bwd.backward_portable):
+    from cuflash import _launch_bwd_sm80
+
+    for fn in (_launch.forward_portable, _launch_sm80.forward_sm80, _launch_bwd.backward_portable,
+               _launch_bwd_sm80.backward_sm80):
         src = inspect.getsource(fn)
         for forbidden in ("memset_async", ".fill(", "cupy.", "[...] =", ".copy("):
             assert forbidden not in src, (fn.__name__, forbidden)
-    assert _launch.REPLAYABLE_FILES == {"fwd_portable.cu", "fwd_sm80.cu", "combine.cu", "bwd_portable.cu"}
+    assert _launch.REPLAYABLE_FILES == {"fwd_portable.cu", "fwd_sm80.cu", "combine.cu", "bwd_portable.cu",
+                                        "bwd_sm80.cu"}
 
 
 def test_memset_is_recorded(gpu):

@@ -307,6 +307,7 @@ def test_variants_cover_every_dispatch_choice():
                 tile = _launch_sm80._config.sm80_forward(d, limit)
                 assert tile is not None
                 assert _launch_sm80.kernel_name(dtype, tile) in names
+                assert _launch_sm80.kernel_name(dtype, tile, dropout=True) in names
 
 
 # ---- through the public API, forward pinned to this path ----------------------------------------

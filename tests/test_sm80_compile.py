@@ -53,8 +53,14 @@ def test_variant_list():
     assert len(v) == len(set(v)), "duplicate variants"
     files = {f for f, _ in v}
     assert files == {"fwd_sm80.cu", "combine.cu"}
-    # 2 dtypes x every tile, and the combine for the three output dtypes
-    assert len(v) == 2 * len(_config.sm80_forward_tiles()) + 3
+    # 2 dtypes x every tile x (no dropout, dropout), and the combine for the three output dtypes
+    assert len(v) == 2 * 2 * len(_config.sm80_forward_tiles()) + 3
+    names = {n for _, n in v}
+    for dt in ("float16", "bfloat16"):
+        for tile in _config.sm80_forward_tiles():
+            assert _launch_sm80.kernel_name(dt, tile) in names
+            assert _launch_sm80.kernel_name(dt, tile, dropout=True) in names
+            assert _launch_sm80.kernel_name(dt, tile, dropout=True).endswith(", true>")
 
 
 def test_no_spills_no_stack(compiled):
