@@ -126,31 +126,18 @@ SM80_FORWARD_TILES_SMALL_SMEM = {
 }
 
 
-# Dropout variants whose regular tile spills with some NVRTC: the Philox bits add registers to a tile
-# already at 255. d160's 128 x 32 tile spilled 8 bytes on sm_90a with NVRTC 13.0 and 13.5 (both draw
-# placements); 64 x 64 with 1 stage compiles to 214-229 registers, no spills, on both.
-SM80_FORWARD_TILES_DROPOUT = {
-    160: Sm80Tile(160, 64, 64, 4, 1, False),
-}
-
-
-def sm80_forward(headdim: int, smem_limit: int | None = None, dropout: bool = False) -> Sm80Tile | None:
+def sm80_forward(headdim: int, smem_limit: int | None = None) -> Sm80Tile | None:
     """The sm80 forward tile for a head dim (1..256) within a per-block shared-memory limit (bytes);
     None when no tile fits."""
     d = bucket(headdim, HEADDIM_BUCKETS_SM80)
-    tables = (SM80_FORWARD_TILES_DROPOUT,) if dropout else ()
-    for table in tables + (SM80_FORWARD_TILES, SM80_FORWARD_TILES_SMALL_SMEM):
+    for table in (SM80_FORWARD_TILES, SM80_FORWARD_TILES_SMALL_SMEM):
         tile = table.get(d)
         if tile is not None and (smem_limit is None or tile.smem <= smem_limit):
             return tile
     return None
 
 
-def sm80_forward_tiles(dropout: bool = False) -> list[Sm80Tile]:
+def sm80_forward_tiles() -> list[Sm80Tile]:
     """Every tile the sm80 forward can pick (for variants(): precompile and compile tests)."""
-    tiles = list(SM80_FORWARD_TILES.values()) + list(SM80_FORWARD_TILES_SMALL_SMEM.values())
-    if dropout:
-        tiles = [SM80_FORWARD_TILES_DROPOUT.get(t.headdim_bucket, t) if t is SM80_FORWARD_TILES.get(t.headdim_bucket)
-                 else t for t in tiles]
-    return tiles
+    return list(SM80_FORWARD_TILES.values()) + list(SM80_FORWARD_TILES_SMALL_SMEM.values())
 # ==== end sm80 tensor-core forward =====================================================================

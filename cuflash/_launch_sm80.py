@@ -53,7 +53,7 @@ def combine_name(dtype: str) -> str:
 def variants() -> list[tuple[str, str]]:
     """Every (file, name expression) this path can launch: each tile with and without dropout."""
     out = [(FWD_FILE, kernel_name(dt, t, drop)) for drop in (False, True) for dt in _DTYPES
-           for t in _config.sm80_forward_tiles(drop)]
+           for t in _config.sm80_forward_tiles()]
     out += [(COMBINE_FILE, combine_name(dt)) for dt in ("float16", "bfloat16", "float32")]
     return out
 
@@ -107,7 +107,7 @@ def _tile(run) -> _config.Sm80Tile | None:
         limit = smem_per_block_optin(run.device_id)
     except Exception:  # no device query possible: assume the sm80 limit
         limit = 163 * 1024
-    return _config.sm80_forward(run.headdim, limit, run.dropout_p > 0)
+    return _config.sm80_forward(run.headdim, limit)
 
 
 def supports(run) -> bool:
