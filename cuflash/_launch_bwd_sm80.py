@@ -166,21 +166,7 @@ def _arch_number(arch: str) -> int:
 
 # ---- support ---------------------------------------------------------------------------------------
 
-def _rows_16b_aligned(a) -> bool:
-    """(batch, seq, heads, headdim) CuPy array of 2-byte elements: last dim contiguous, base 16-byte
-    aligned, the other strides multiples of 8 elements (strides of extent-1 dimensions unchecked)."""
-    if a is None:
-        return True
-    if a.ndim != 4 or a.itemsize != 2:
-        return False
-    if int(a.data.ptr) % 16:
-        return False
-    if a.shape[3] > 1 and a.strides[3] != a.itemsize:
-        return False
-    for ext, st in zip(a.shape[:3], a.strides[:3]):
-        if ext > 1 and (st % a.itemsize or (st // a.itemsize) % 8):
-            return False
-    return True
+from ._launch_sm80 import _rows_16b_aligned  # noqa: E402  (the same 16-byte row rule as the forward)
 
 
 def _tile(run: Run) -> Sm80BwdTile | None:

@@ -16,7 +16,6 @@ import secrets
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
 from . import _api

@@ -6,8 +6,6 @@ No GPU needed. Compiles go through the on-disk cache (shared with tests/test_com
 pool, one variant per compile, exactly as ``get_function`` compiles them at run time.
 """
 
-import os
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -17,18 +15,10 @@ pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) n
 
 from cuflash import _launch_bwd  # noqa: E402
 
-ARCHS = ("sm_80", "sm_90a")
+from .compile_util import ARCHS, pool_map, requires_nvrtc  # noqa: E402
 
 
-def _nvrtc_ok():
-    try:
-        _compile.nvrtc_version()
-        return True
-    except Exception:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _nvrtc_ok(), reason="NVRTC library not found (pip install nvidia-cuda-nvrtc)")
+pytestmark = requires_nvrtc
 
 
 def _compile_one(job):
@@ -40,9 +30,7 @@ def _compile_one(job):
 @pytest.fixture(scope="module")
 def compiled():
     jobs = [(arch, f, n) for arch in ARCHS for f, n in _launch_bwd.backward_portable_variants()]
-    workers = max(1, min(len(jobs), os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers) as ex:
-        return dict(ex.map(_compile_one, jobs))
+    return dict(pool_map(_compile_one, jobs))
 
 
 def _threads(name: str) -> int:

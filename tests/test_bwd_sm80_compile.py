@@ -25,7 +25,6 @@ import re
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -36,19 +35,9 @@ pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) n
 
 from cuflash import _launch_bwd_sm80 as L  # noqa: E402
 
-ARCHS = ("sm_80", "sm_90a")
+from .compile_util import ARCHS, pool_map, requires_nvrtc as needs_nvrtc  # noqa: E402
+
 SMEM_LIMIT = 227 * 1024
-
-
-def _nvrtc_ok():
-    try:
-        _compile.nvrtc_version()
-        return True
-    except Exception:
-        return False
-
-
-needs_nvrtc = pytest.mark.skipif(not _nvrtc_ok(), reason="NVRTC library not found (pip install nvidia-cuda-nvrtc)")
 
 
 # ==== compilation ===================================================================================
@@ -62,9 +51,7 @@ def _compile_one(job):
 @pytest.fixture(scope="module")
 def compiled():
     jobs = [(arch, f, n) for arch in ARCHS for f, n in L.variants()]
-    workers = max(1, min(len(jobs), os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers) as ex:
-        return {job: (res, path) for job, res, path in ex.map(_compile_one, jobs)}
+    return {job: (res, path) for job, res, path in pool_map(_compile_one, jobs)}
 
 
 def test_variant_list():

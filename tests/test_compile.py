@@ -7,7 +7,6 @@ compiles two variants at a time) and land in the on-disk cache, so a rerun is fa
 
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -16,18 +15,10 @@ from cuflash import _compile, _launch
 
 nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) not installed")
 
-ARCHS = ("sm_80", "sm_90a")
+from .compile_util import ARCHS, pool_map, requires_nvrtc  # noqa: E402
 
 
-def _nvrtc_ok():
-    try:
-        _compile.nvrtc_version()
-        return True
-    except Exception:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _nvrtc_ok(), reason="NVRTC library not found (pip install nvidia-cuda-nvrtc)")
+pytestmark = requires_nvrtc
 
 
 # ---- the Params struct: header and host mirror agree field by field ------------------------------
@@ -122,9 +113,7 @@ def _compile_one(job):
 @pytest.fixture(scope="module")
 def compiled():
     jobs = _all_variants()
-    workers = max(1, min(len(jobs), os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers) as ex:
-        return dict(ex.map(_compile_one, jobs))
+    return dict(pool_map(_compile_one, jobs))
 
 
 def test_every_variant_compiles_without_spills(compiled):

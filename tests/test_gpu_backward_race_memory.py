@@ -1,6 +1,5 @@
 """Backward: repeatability over 50 runs (the race test) and the memory bound at seqlen 32k."""
 
-import numpy as np
 import pytest
 
 import cuflash

@@ -12,7 +12,7 @@ import pytest
 import cuflash
 from cuflash import reference
 
-from .helpers import assert_fa_close, lowp_attention, randn, rounded, to_framework, to_numpy64
+from .helpers import assert_fa_close, lowp_attention, randn, to_framework, to_numpy64
 
 pytestmark = pytest.mark.gpu
 

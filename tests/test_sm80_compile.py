@@ -9,7 +9,6 @@ compile, exactly as ``get_function`` compiles them at run time.
 
 import os
 import re
-from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
@@ -19,19 +18,11 @@ pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) n
 
 from cuflash import _launch_sm80  # noqa: E402
 
-ARCHS = ("sm_80", "sm_90a")
+from .compile_util import ARCHS, pool_map, requires_nvrtc  # noqa: E402
 SMEM_LIMIT = 227 * 1024
 
 
-def _nvrtc_ok():
-    try:
-        _compile.nvrtc_version()
-        return True
-    except Exception:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _nvrtc_ok(), reason="NVRTC library not found (pip install nvidia-cuda-nvrtc)")
+pytestmark = requires_nvrtc
 
 
 def _compile_one(job):
@@ -43,9 +34,7 @@ def _compile_one(job):
 @pytest.fixture(scope="module")
 def compiled():
     jobs = [(arch, f, n) for arch in ARCHS for f, n in _launch_sm80.variants()]
-    workers = max(1, min(len(jobs), os.cpu_count() or 1))
-    with ProcessPoolExecutor(workers) as ex:
-        return {job: (res, path) for job, res, path in ex.map(_compile_one, jobs)}
+    return {job: (res, path) for job, res, path in pool_map(_compile_one, jobs)}
 
 
 def test_variant_list():

@@ -1,0 +1,33 @@
+"""Shared scaffolding of the CPU compile tests: NVRTC availability, target archs, a process pool.
+
+NVRTC compiles without a GPU; a 2-core CI machine compiles two variants at a time, and results land
+in the on-disk kernel cache so reruns are fast.
+"""
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+
+from cuflash import _compile
+
+ARCHS = ("sm_80", "sm_90a")
+
+
+def nvrtc_ok() -> bool:
+    try:
+        _compile.nvrtc_version()
+        return True
+    except Exception:
+        return False
+
+
+requires_nvrtc = pytest.mark.skipif(not nvrtc_ok(), reason="NVRTC library not found (pip install nvidia-cuda-nvrtc)")
+
+
+def pool_map(fn, jobs):
+    """fn over jobs in a process pool as wide as the machine (fn must be a module-level function)."""
+    jobs = list(jobs)
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers) as ex:
+        return list(ex.map(fn, jobs))
