@@ -665,6 +665,22 @@ def _torch_autograd_wanted(*xs) -> bool:
     return torch.is_grad_enabled() and any(getattr(x, "requires_grad", False) for x in xs)
 
 
+def _try_replay(key, replay):
+    """Fast-path lookup shared by forward and backward: ``(result, key)``.
+
+    ``result`` is not None when a recorded plan replayed. ``key`` comes back only when this call should
+    take the full path and record a plan (a signature's second sighting); otherwise None.
+    """
+    if key is None:
+        return None, None
+    plan = _plans.get(key)
+    if plan is None:
+        return None, (None if _first_sighting(key) else key)
+    if plan is _NO_PLAN:
+        return None, None
+    return replay(plan), None
+
+
 def _attention_impl(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p, seed,
                     deterministic, return_lse, out, num_splits, lse_out=None):
     """``attention`` without the autograd routing; ``lse_out`` (internal) receives the LSE in place."""
@@ -672,18 +688,10 @@ def _attention_impl(q, k, v, *, causal, softmax_scale, window_size, alibi_slopes
     if _FASTPATH:
         key = _fwd_key(q, k, v, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p, seed,
                        deterministic, return_lse, out, num_splits, lse_out)
-        if key is not None:
-            plan = _plans.get(key)
-            if plan is None:
-                if _first_sighting(key):
-                    key = None
-            elif plan is _NO_PLAN:
-                key = None
-            else:
-                res = _fwd_replay(plan, q, k, v, alibi_slopes, out, lse_out, dropout_p, seed, return_lse)
-                if res is not None:
-                    return res
-                key = None
+        res, key = _try_replay(key, lambda plan: _fwd_replay(plan, q, k, v, alibi_slopes, out, lse_out, dropout_p,
+                                                             seed, return_lse))
+        if res is not None:
+            return res
     c, infos = _validate(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                          alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed)
     _check_bool("deterministic", deterministic)
@@ -830,18 +838,10 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     if _FASTPATH:
         key = _bwd_key(dout, q, k, v, out, lse, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p,
                        seed, deterministic, dq, dk, dv)
-        if key is not None:
-            plan = _plans.get(key)
-            if plan is None:
-                if _first_sighting(key):
-                    key = None
-            elif plan is _NO_PLAN:
-                key = None
-            else:
-                res = _bwd_replay(plan, dout, q, k, v, out, lse, alibi_slopes, dq, dk, dv, seed)
-                if res is not None:
-                    return res
-                key = None
+        res, key = _try_replay(key, lambda plan: _bwd_replay(plan, dout, q, k, v, out, lse, alibi_slopes, dq, dk, dv,
+                                                             seed))
+        if res is not None:
+            return res
     if dropout_p and seed is None:
         raise ValueError("cuflash: attention_backward with dropout_p > 0 needs the forward's seed (got None)")
     c, infos = _validate(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
