@@ -11,6 +11,8 @@ then a compact summary LAST. Writes CSV files and PNG plots into --outdir.
     python benchmarks/bench_attention.py --decode        # decode bandwidth (only that)
     python benchmarks/bench_attention.py --memory --latency
     python benchmarks/bench_attention.py --all           # grid + decode + memory + latency
+    python benchmarks/bench_attention.py --dropout 0.1   # every implementation with dropout p=0.1
+    python benchmarks/bench_attention.py --dropout-compare 0.1   # cuflash p=0 vs p=0.1, and vs FA2 at p=0.1
     python benchmarks/bench_attention.py --selftest      # no GPU needed: tables/CSV/plots on fake numbers
 
 Importable: ``main(argv=None)`` returns an exit status (``python -m cuflash bench`` delegates here).
@@ -18,15 +20,20 @@ Implementations: cuflash (torch tensors), cuflash-cupy (--cupy: CuPy views of th
 torch-fa2 / torch-cudnn / torch-memeff (torch SDPA with one backend forced by sdpa_kernel, on
 BHSD views ``x.transpose(1, 2)`` of the BSHD tensors) and jax-cudnn
 (``jax.nn.dot_product_attention(..., implementation='cudnn')`` jitted, BSHD). Any implementation
-that is missing or fails on a shape is reported with a line and shown as n/a.
+that is missing or fails on a shape is reported with a line and shown as n/a. Variants: cuflash-det
+(backward with ``deterministic=True``, bwd cells only, on by default: the summary's "deterministic
+cost" = cuflash-det / cuflash), and with ``--dropout-compare P`` cuflash-drop / torch-fa2-drop (cuflash
+and torch-fa2 at dropout P next to their p=0 rows).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import importlib.util
+import io
 import json
 import math
 import os
@@ -47,19 +54,31 @@ DEFAULT_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_HEADDIMS = (128,)
 QUICK_SEQLENS = (1024, 4096)
 
-IMPLS = ("cuflash", "cuflash-cupy", "torch-fa2", "torch-cudnn", "torch-memeff", "jax-cudnn")
-DEFAULT_IMPLS = ("cuflash", "torch-fa2", "torch-cudnn", "torch-memeff", "jax-cudnn")
+IMPLS = ("cuflash", "cuflash-det", "cuflash-drop", "cuflash-cupy", "torch-fa2", "torch-fa2-drop", "torch-cudnn",
+         "torch-memeff", "jax-cudnn")
+DEFAULT_IMPLS = ("cuflash", "cuflash-det", "torch-fa2", "torch-cudnn", "torch-memeff", "jax-cudnn")
 # Peers first, so that their output is there to check cuflash against.
-MEASURE_ORDER = ("torch-fa2", "torch-memeff", "torch-cudnn", "cuflash", "cuflash-cupy", "jax-cudnn")
+MEASURE_ORDER = ("torch-fa2", "torch-fa2-drop", "torch-memeff", "torch-cudnn", "cuflash", "cuflash-det",
+                 "cuflash-drop", "cuflash-cupy", "jax-cudnn")
 REF_ORDER = ("torch-fa2", "torch-memeff", "torch-cudnn")   # reference for the correctness check
-CHECKED = ("cuflash", "cuflash-cupy")
+CHECKED = ("cuflash", "cuflash-det", "cuflash-cupy")
 FA2 = "torch-fa2"
 CUDNN = ("torch-cudnn", "jax-cudnn")
 SDPA_BACKENDS = {"torch-fa2": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION",
                  "torch-memeff": "EFFICIENT_ATTENTION"}
+# Variants: the same call as their base with one option changed. cuflash-det: deterministic=True
+# (backward only). *-drop: dropout_p = --dropout-compare P (only with that flag). Grid only.
+DET = "cuflash-det"
+DROP_IMPLS = ("cuflash-drop", "torch-fa2-drop")
+VARIANTS = (DET,) + DROP_IMPLS
+VARIANT_BASE = {"cuflash-det": "cuflash", "cuflash-drop": "cuflash", "torch-fa2-drop": "torch-fa2"}
+DROPOUT_SEED = 20240917    # cuflash's dropout seed (+ --seed): a fixed int, forward and backward alike
+DET_BAR, DROP_BAR, DROP_VS_FA2_BAR = 0.8, 0.8, 1.0   # the open issues' bars
+DROP_BAR_HEADDIMS, DROP_BAR_SEQLENS = (64, 128), (2048, 16384)   # where the cuflash-drop/cuflash bar applies
 CHECK_TOL = {"fwd": 2e-2, "bwd": 5e-2}     # max|a - ref| / max|ref|, bf16/fp16 vs another bf16 kernel
-COLORS = {"cuflash": "tab:red", "cuflash-cupy": "tab:pink", "torch-fa2": "tab:blue",
-          "torch-cudnn": "tab:green", "torch-memeff": "tab:orange", "jax-cudnn": "tab:purple"}
+COLORS = {"cuflash": "tab:red", "cuflash-det": "tab:brown", "cuflash-drop": "darkred", "cuflash-cupy": "tab:pink",
+          "torch-fa2": "tab:blue", "torch-fa2-drop": "tab:cyan", "torch-cudnn": "tab:green",
+          "torch-memeff": "tab:orange", "jax-cudnn": "tab:purple"}
 
 DECODE_BATCHES = (1, 2, 4, 8)
 DECODE_SEQLENS = (4096, 8192, 16384, 32768, 65536, 131072)
@@ -77,13 +96,14 @@ LATENCY_SHAPE = (2, 2048, 16, 128)    # (batch, seqlen, nheads, headdim), causal
 SUMMARY_LIMIT = 11500                 # characters: the lead sees the last ~12k
 
 GRID_FIELDS = ("mode", "causal", "headdim", "seqlen", "batch", "nheads", "dtype", "impl", "status", "ms",
-               "tflops", "first_call_s", "timer", "check_rel_err", "note")
+               "tflops", "first_call_s", "timer", "check_rel_err", "note", "dropout_p")
 DECODE_FIELDS = ("batch", "seqlen_k", "nheads", "nheads_k", "headdim", "dtype", "impl", "status", "ms", "bytes",
                  "gbps", "frac_copy", "wall_us", "timer", "check_rel_err", "note")
 MEMORY_FIELDS = ("seqlen", "batch", "nheads", "headdim", "dtype", "impl", "phase", "status", "extra_mib",
-                 "method", "note")
+                 "method", "note", "dropout_p")
 INT_FIELDS = {"headdim", "seqlen", "batch", "nheads", "nheads_k", "seqlen_k", "bytes"}
-FLOAT_FIELDS = {"ms", "tflops", "first_call_s", "check_rel_err", "gbps", "frac_copy", "wall_us", "extra_mib"}
+FLOAT_FIELDS = {"ms", "tflops", "first_call_s", "check_rel_err", "gbps", "frac_copy", "wall_us", "extra_mib",
+                "dropout_p"}
 
 
 class Skip(Exception):
@@ -107,6 +127,17 @@ def parse_size(text) -> int:
     if v <= 0 or v != int(v):
         raise argparse.ArgumentTypeError(f"not a positive integer size: {text!r}")
     return int(v)
+
+
+def parse_prob(text) -> float:
+    """A dropout probability in [0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"dropout probability must be in [0, 1): {text!r}")
+    return v
 
 
 def parse_sizes(text) -> tuple:
@@ -169,6 +200,68 @@ def _tflops(row):
     return row.get("tflops") if row and row.get("status") == "ok" else None
 
 
+def _drop_p(row):
+    return (row or {}).get("dropout_p") or 0.0
+
+
+def dropout_desc(rows) -> str:
+    """'dropout p=0.1' (every implementation) and/or '*-drop: dropout p=0.1'; '' without dropout."""
+    plain = sorted({_drop_p(r) for r in rows if r["impl"] not in DROP_IMPLS and _drop_p(r) > 0})
+    drop = sorted({_drop_p(r) for r in rows if r["impl"] in DROP_IMPLS and _drop_p(r) > 0})
+    parts = []
+    if plain:
+        parts.append("dropout p=" + ",".join(f"{p:g}" for p in plain))
+    if drop:
+        parts.append("*-drop: dropout p=" + ",".join(f"{p:g}" for p in drop))
+    return "; ".join(parts)
+
+
+def _where(w) -> str:
+    c, hd, s = w
+    return f"{'c' if c else 'nc'} d{hd} {fmt_size(s)}"
+
+
+def ratio_stats(vals, bar=None) -> str:
+    """'geomean G over N (min m where, max M where)[; k/N >= bar]' of [(ratio, (causal, hd, seqlen))]."""
+    vals = [(x, w) for x, w in vals if x is not None]
+    if not vals:
+        return "n/a"
+    lo, hi = min(vals), max(vals)
+    text = (f"geomean {geomean([x for x, _ in vals]):.2f} over {len(vals)} "
+            f"(min {lo[0]:.2f} {_where(lo[1])}, max {hi[0]:.2f} {_where(hi[1])})")
+    if bar is not None:
+        text += f"; {sum(1 for x, _ in vals if x >= bar)}/{len(vals)} >= {bar:.2f}"
+    return text
+
+
+def ratio_brief(vals, bar=None) -> str:
+    """'0.83/0.77 (c d64 2k)[ 12/16 >= 0.80]': geomean/min (where) of [(ratio, (causal, hd, seqlen))]."""
+    vals = [(x, w) for x, w in vals if x is not None]
+    if not vals:
+        return "n/a"
+    lo = min(vals)
+    text = f"{geomean([x for x, _ in vals]):.2f}/{lo[0]:.2f} ({_where(lo[1])})"
+    if bar is not None:
+        text += f" {sum(1 for x, _ in vals if x >= bar)}/{len(vals)} >= {bar:.2f}"
+    return text
+
+
+def grid_ratios(idx, mode, num, den):
+    """[(num/den TFLOP/s, (causal, hd, seqlen))] over the grid cells of ``mode`` where both ran ok."""
+    out = []
+    for (m, c, hd, s, impl), r in idx.items():
+        if m != mode or impl != num:
+            continue
+        x = ratio(_tflops(r), _tflops(idx.get((m, c, hd, s, den))))
+        if x is not None:
+            out.append((x, (c, hd, s)))
+    return sorted(out, key=lambda t: (t[1][1], t[1][0], t[1][2]))
+
+
+def in_drop_bar(causal, hd, s) -> bool:
+    return hd in DROP_BAR_HEADDIMS and DROP_BAR_SEQLENS[0] <= s <= DROP_BAR_SEQLENS[1]
+
+
 def index_grid(rows):
     return {(r["mode"], r["causal"], r["headdim"], r["seqlen"], r["impl"]): r for r in rows}
 
@@ -190,13 +283,21 @@ def format_grid_table(rows, mode, causal, headdim, impls) -> str:
     if not sel:
         return ""
     idx = index_grid(sel)
+    impls = [i for i in impls if any(r["impl"] == i for r in sel)]   # cuflash-det: bwd tables only
     seqlens = sorted({r["seqlen"] for r in sel})
     dtype = sel[0].get("dtype", "")
     nheads = sel[0].get("nheads")
-    w = max(12, max(len(i) for i in impls) + 1)
-    lines = [f"[{mode} | {causal_name(causal)} | headdim {headdim} | nheads {nheads} | {dtype}]  TFLOP/s"
-             f"  (cf/FA2 = cuflash / torch-fa2, cf/cuDNN = cuflash / best of torch-cudnn, jax-cudnn)"]
-    head = f"{'seqlen':>7} {'batch':>5} " + "".join(i.rjust(w) for i in impls) + f" |{'cf/FA2':>8}{'cf/cuDNN':>9}"
+    w = max(12, max([len(i) for i in impls], default=0) + 1)
+    # extra ratio columns: (title, numerator, denominator), where both were measured
+    extra = [(t, a, b) for t, a, b in (("det/cf", DET, "cuflash"), ("drop/cf", "cuflash-drop", "cuflash"),
+                                       ("drop/FA2d", "cuflash-drop", "torch-fa2-drop")) if a in impls and b in impls]
+    drop = dropout_desc([r for r in sel if r["impl"] in impls])
+    lines = [f"[{mode} | {causal_name(causal)} | headdim {headdim} | nheads {nheads} | {dtype}"
+             f"{' | ' + drop if drop else ''}]  TFLOP/s"
+             f"  (cf/FA2 = cuflash / torch-fa2, cf/cuDNN = cuflash / best of torch-cudnn, jax-cudnn"
+             + "".join(f", {t} = {a} / {b}" for t, a, b in extra) + ")"]
+    head = f"{'seqlen':>7} {'batch':>5} " + "".join(i.rjust(w) for i in impls) + f" |{'cf/FA2':>8}{'cf/cuDNN':>9}" \
+        + "".join(f"{t:>10}" for t, _, _ in extra)
     lines.append(head)
     lines.append("-" * len(head))
     for s in seqlens:
@@ -206,7 +307,9 @@ def format_grid_table(rows, mode, causal, headdim, impls) -> str:
         cf = _tflops(idx.get(key + ("cuflash",)))
         r1 = ratio(cf, _tflops(idx.get(key + (FA2,))))
         r2 = ratio(cf, best_cudnn(idx, key))
-        lines.append(f"{fmt_size(s):>7} {batch:>5} {cells} |{fnum(r1, 8, 2)}{fnum(r2, 9, 2)}")
+        more = "".join(fnum(ratio(_tflops(idx.get(key + (a,))), _tflops(idx.get(key + (b,)))), 10, 2)
+                       for _, a, b in extra)
+        lines.append(f"{fmt_size(s):>7} {batch:>5} {cells} |{fnum(r1, 8, 2)}{fnum(r2, 9, 2)}{more}")
     return "\n".join(lines)
 
 
@@ -249,8 +352,10 @@ def format_memory_table(rows) -> str:
     idx = {(r["impl"], r["seqlen"], r["phase"]): r for r in rows}
     r0 = rows[0]
     cols = [(s, p) for s in seqlens for p in ("fwd", "fwd+bwd")]
+    drop = dropout_desc([r for r in rows if r["impl"] != "outputs-only"])
     lines = [f"[memory | batch {r0['batch']}, nheads {r0['nheads']}, headdim {r0['headdim']}, {r0['dtype']}, "
-             f"non-causal]  peak MiB allocated beyond the inputs (q, k, v, dout), outputs included"]
+             f"non-causal{', ' + drop if drop else ''}]  peak MiB allocated beyond the inputs (q, k, v, dout), "
+             f"outputs included"]
     head = f"{'impl':<14}" + "".join(f"{fmt_size(s) + ' ' + p:>14}" for s, p in cols) + "  method"
     lines.append(head)
     lines.append("-" * len(head))
@@ -315,6 +420,11 @@ def format_summary(res) -> str:
         out.append("")
         out.append(f"cuflash TFLOP/s and ratios a = cuflash/torch-fa2, b = cuflash/best-cuDNN (torch-cudnn, jax-cudnn); "
                    f"{dtype}, {fmt_size(TOKENS)} tokens, hidden {HIDDEN}")
+        plain_p = sorted({_drop_p(r) for r in grid if r["impl"] not in DROP_IMPLS and _drop_p(r) > 0})
+        if plain_p:
+            seed = (getattr(res, "dropout", None) or {}).get("seed")
+            out.append(f"DROPOUT p={','.join(f'{p:g}' for p in plain_p)} on every implementation that has it "
+                       f"(a, b like for like; cuflash seed {seed}; jax-cudnn has none; no correctness check)")
         head = f"{'mode':<4} {'causal':<6} {'hd':>3} |" + "".join(f"{fmt_size(s) + ': TF a/b':>16}" for s in seqlens)
         out.append(head)
         for mode, causal, hd in grid_groups(grid):
@@ -368,6 +478,8 @@ def format_summary(res) -> str:
         if firsts:
             out.append(f"cuflash first calls (JIT compile or disk-cache load included): total {sum(firsts):.1f} s, "
                        f"max {max(firsts):.1f} s over {len(firsts)} cells")
+        out += summary_det(grid, idx, seqlens)
+        out += summary_dropout(grid, idx, seqlens, getattr(res, "dropout", None) or {})
     if res.decode:
         out.append("")
         impls = [i for i in IMPLS if any(r["impl"] == i for r in res.decode)]
@@ -407,12 +519,68 @@ def format_summary(res) -> str:
         out.append(f"FATAL: {short(res.fatal, 300)} (later measurements skipped)")
     out.append("")
     if res.files:
-        out.append("files: " + ", ".join(res.files))
+        dirs = {os.path.dirname(f) for f in res.files}
+        if len(dirs) == 1:   # one folder: name it once
+            out.append(f"files in {dirs.pop() or '.'}: " + ", ".join(os.path.basename(f) for f in res.files))
+        else:
+            out.append("files: " + ", ".join(res.files))
     out.append(f"elapsed {res.elapsed:.0f} s")
     text = "\n".join(out)
     if len(text) > SUMMARY_LIMIT:   # keep the head (numbers) and the tail (files), drop the middle
         text = text[: SUMMARY_LIMIT - 400] + "\n... (summary truncated) ...\n" + text[-350:]
     return text
+
+
+def summary_det(grid, idx, seqlens):
+    """Deterministic backward cost: cuflash-det / cuflash per bwd cell, geomean and min."""
+    groups = [g for g in grid_groups(grid) if g[0] == "bwd"
+              and any(k[0] == "bwd" and k[1] == g[1] and k[2] == g[2] and k[4] == DET for k in idx)]
+    if not groups:
+        return []
+    drop = dropout_desc([r for r in grid if r["impl"] in (DET, "cuflash")])
+    out = ["", f"DETERMINISTIC COST: cuflash-det / cuflash, backward TFLOP/s (deterministic=True vs False"
+               f"{'; ' + drop if drop else ''}); issue bar >= {DET_BAR:.2f}",
+           f"{'mode':<4} {'causal':<6} {'hd':>3} |" + "".join(f"{fmt_size(s):>6}" for s in seqlens)]
+    for mode, causal, hd in groups:
+        cells = "".join(fnum(ratio(_tflops(idx.get((mode, causal, hd, s, DET))),
+                                   _tflops(idx.get((mode, causal, hd, s, "cuflash")))), 6, 2) for s in seqlens)
+        out.append(f"{mode:<4} {'yes' if causal else 'no':<6} {hd:>3} |{cells}")
+    out.append("cuflash-det/cuflash bwd: " + ratio_stats(grid_ratios(idx, "bwd", DET, "cuflash"), DET_BAR))
+    return out
+
+
+def summary_dropout(grid, idx, seqlens, info):
+    """--dropout-compare: x = cuflash-drop / cuflash (p=0), y = cuflash-drop / torch-fa2-drop, per cell."""
+    if not any(r["impl"] == "cuflash-drop" for r in grid):
+        return []
+    ps = sorted({_drop_p(r) for r in grid if r["impl"] in DROP_IMPLS and _drop_p(r) > 0})
+    p = ",".join(f"{x:g}" for x in ps) or "?"
+    out = ["", f"DROPOUT COMPARE p={p} (cuflash seed {info.get('seed')}): x = cuflash-drop / cuflash (p=0), "
+               f"y = cuflash-drop / torch-fa2-drop (same p); cells x/y",
+           f"{'mode':<4} {'causal':<6} {'hd':>3} |" + "".join(f"{fmt_size(s):>10}" for s in seqlens)]
+    for mode, causal, hd in grid_groups(grid):
+        if not any(k[:3] == (mode, causal, hd) and k[4] == "cuflash-drop" for k in idx):
+            continue
+        cells = ""
+        for s in seqlens:
+            key = (mode, causal, hd, s)
+            d = _tflops(idx.get(key + ("cuflash-drop",)))
+            x = ratio(d, _tflops(idx.get(key + ("cuflash",))))
+            y = ratio(d, _tflops(idx.get(key + ("torch-fa2-drop",))))
+            cells += f"{'n/a' if d is None else fnum(x, 0, 2).strip() + '/' + fnum(y, 0, 2).strip():>10}"
+        out.append(f"{mode:<4} {'yes' if causal else 'no':<6} {hd:>3} |{cells}")
+    lo, hi = DROP_BAR_SEQLENS
+    out.append(f"geomean/min (where) over the cells; x bars: >= {DROP_BAR:.2f} on the bar cells d"
+               f"{'/'.join(map(str, DROP_BAR_HEADDIMS))} {fmt_size(lo)}..{fmt_size(hi)}; y bar: >= "
+               f"{DROP_VS_FA2_BAR:.2f} on all")
+    for mode in ("fwd", "bwd"):
+        xs = grid_ratios(idx, mode, "cuflash-drop", "cuflash")
+        ys = grid_ratios(idx, mode, "cuflash-drop", "torch-fa2-drop")
+        if xs or ys:
+            xb = [t for t in xs if in_drop_bar(*t[1])]
+            out.append(f"{mode}: x all {ratio_brief(xs)} | x bar cells {ratio_brief(xb, DROP_BAR)} | "
+                       f"y {ratio_brief(ys, DROP_VS_FA2_BAR)}")
+    return out
 
 
 # ---- CSV and plots -----------------------------------------------------------------------------
@@ -489,7 +657,9 @@ def plot_grid(rows, outdir, prefix="attention"):
                 ax.set_xticklabels([fmt_size(s) for s in seqlens])
             ax.set_ylim(bottom=0)
             dtype = sel[0].get("dtype", "")
-            ax.set_title(f"{mode}: headdim {hd}, nheads {HIDDEN // hd}, {dtype}, {fmt_size(TOKENS)} tokens")
+            drop = dropout_desc([r for r in sel if r["mode"] == mode])
+            ax.set_title(f"{mode}: headdim {hd}, nheads {HIDDEN // hd}, {dtype}, {fmt_size(TOKENS)} tokens"
+                         + (f"\n{drop}" if drop else ""), fontsize=10 if drop else None)
             ax.set_xlabel("seqlen (batch = 16k / seqlen)")
             ax.set_ylabel("TFLOP/s")
             ax.grid(alpha=0.3)
@@ -554,6 +724,7 @@ class Results:
         self.copy_gbps = None
         self.memory = []
         self.latency = {}
+        self.dropout = {}        # {"p", "compare", "seed"} of the run
         self.notes = {}          # (impl, status, reason) -> count
         self.fatal = None
         self.files = []
@@ -737,7 +908,7 @@ class Runner:
     # -- availability --
     def _probe(self):
         impls = self.cfg.impls
-        if "cuflash" in impls or "cuflash-cupy" in impls:
+        if any(VARIANT_BASE.get(i, i) == "cuflash" or i == "cuflash-cupy" for i in impls):
             try:
                 import cuflash
 
@@ -756,8 +927,12 @@ class Runner:
                     self.available["cuflash-cupy"] = None
                 except Exception as e:  # noqa: BLE001
                     self.available["cuflash-cupy"] = f"import cupy failed: {_first_line(e)}"
-        for name, be in SDPA_BACKENDS.items():
-            if name not in impls:
+        for name in ("cuflash-det", "cuflash-drop"):
+            if name in impls:
+                self.available[name] = self.available.get("cuflash")
+        for name in impls:
+            be = SDPA_BACKENDS.get(VARIANT_BASE.get(name, name))
+            if be is None:
                 continue
             try:
                 from torch.nn.attention import SDPBackend
@@ -890,21 +1065,36 @@ class Runner:
             self.torch.cuda.empty_cache()
 
     # -- builders --
-    def builder(self, impl, cell, mode, causal):
-        if impl == "cuflash":
-            return functools.partial(self._build_cuflash, cell, mode, causal, False)
+    def impl_dropout(self, impl) -> float:
+        """Dropout probability of ``impl`` in the grid: --dropout-compare P for *-drop, else --dropout."""
+        if impl in DROP_IMPLS:
+            return self.cfg.dropout_compare or 0.0
+        return self.cfg.dropout
+
+    def builder(self, impl, cell, mode, causal, p=None):
+        """``p``: dropout probability (default: the grid's for ``impl``; decode passes 0)."""
+        p = self.impl_dropout(impl) if p is None else p
+        if impl in ("cuflash", "cuflash-drop"):
+            return functools.partial(self._build_cuflash, cell, mode, causal, False, p)
+        if impl == DET:
+            return functools.partial(self._build_cuflash, cell, mode, causal, False, p, True)
         if impl == "cuflash-cupy":
-            return functools.partial(self._build_cuflash, cell, mode, causal, True)
-        if impl in SDPA_BACKENDS:
-            return functools.partial(self._build_sdpa, cell, mode, causal, impl)
+            return functools.partial(self._build_cuflash, cell, mode, causal, True, p)
+        if VARIANT_BASE.get(impl, impl) in SDPA_BACKENDS:
+            return functools.partial(self._build_sdpa, cell, mode, causal, VARIANT_BASE.get(impl, impl), p)
         if impl == "jax-cudnn":
-            return functools.partial(self._build_jax, cell, mode, causal)
+            return functools.partial(self._build_jax, cell, mode, causal, p)
         raise ValueError(impl)
 
-    def _build_cuflash(self, cell, mode, causal, use_cupy):
+    def _build_cuflash(self, cell, mode, causal, use_cupy, p=0.0, deterministic=False):
         cf, torch = self.cuflash, self.torch
         q, k, v, dout = cell.q, cell.k, cell.v, cell.dout
         note = ""
+        # Only non-default options are passed, so the p=0 calls are exactly the plain ones.
+        fkw = {"dropout_p": p, "seed": self.cfg.dropout_seed} if p > 0 else {}
+        bkw = dict(fkw, deterministic=True) if deterministic else fkw
+        if deterministic and mode == "fwd":
+            raise Skip("cuflash-det is backward only")
         if use_cupy:
             cp = self.cupy
             try:
@@ -919,30 +1109,54 @@ class Runner:
         else:
             def to_t(x):
                 return x
+        if p > 0:
+            note = (note + "; " if note else "") + f"dropout_p={p:g} seed={self.cfg.dropout_seed}"
+        if deterministic:
+            note = (note + "; " if note else "") + "deterministic=True"
         if mode == "fwd":
-            return Bench(lambda: cf.attention(q, k, v, causal=causal), canon=lambda r: [to_t(r)], note=note)
+            return Bench(lambda: cf.attention(q, k, v, causal=causal, **fkw), canon=lambda r: [to_t(r)], note=note)
         if mode == "train":
             def train():
-                o, lse = cf.attention(q, k, v, causal=causal, return_lse=True)
-                return cf.attention_backward(dout, q, k, v, o, lse, causal=causal)
+                o, lse = cf.attention(q, k, v, causal=causal, return_lse=True, **fkw)
+                return cf.attention_backward(dout, q, k, v, o, lse, causal=causal, **bkw)
             if not hasattr(cf, "attention_backward"):
                 raise Skip("cuflash has no attention_backward")
             return Bench(train, note=note)
         if not hasattr(cf, "attention_backward"):
             raise Skip("cuflash has no attention_backward")
-        out, lse = cf.attention(q, k, v, causal=causal, return_lse=True)
-        return Bench(lambda: cf.attention_backward(dout, q, k, v, out, lse, causal=causal),
+        out, lse = cf.attention(q, k, v, causal=causal, return_lse=True, **fkw)
+        return Bench(lambda: cf.attention_backward(dout, q, k, v, out, lse, causal=causal, **bkw),
                      canon=lambda r: [to_t(x) for x in r], note=note)
 
-    def _build_sdpa(self, cell, mode, causal, impl):
+    def _build_sdpa(self, cell, mode, causal, impl, p=0.0):
         torch = self.torch
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         backend = getattr(SDPBackend, SDPA_BACKENDS[impl])
         sdpa = torch.nn.functional.scaled_dot_product_attention
         q, k, v = cell.q, cell.k, cell.v
-        kw, note = {}, ""
+        kw, note = ({"dropout_p": p}, f"dropout_p={p:g}") if p > 0 else ({}, "")
         hq, hk = q.shape[2], k.shape[2]
+        if p > 0:
+            # A backend without dropout (cuDNN on older torch) is a skip, not an error: try it once here,
+            # the backward too (through autograd, which replays the forward's dropout mask).
+            with warnings.catch_warnings(record=True) as wl:
+                warnings.simplefilter("always")
+                try:
+                    xs = [x.detach().requires_grad_(mode != "fwd") for x in (q, k, v)]
+                    with sdpa_kernel(backend):
+                        o = sdpa(*(x.transpose(1, 2) for x in xs), is_causal=causal, **kw)
+                    if mode != "fwd":
+                        torch.autograd.grad(o, xs, cell.dout.transpose(1, 2))
+                    torch.cuda.synchronize()
+                    del o, xs
+                except Exception as e:  # noqa: BLE001
+                    if _is_oom(e) or not self.context_ok():
+                        raise
+                    why = [str(w.message) for w in wl if issubclass(w.category, UserWarning)]
+                    why = [x for x in why if "dropout" in x.lower()] or why
+                    raise Skip(f"{impl} with dropout_p={p:g} ({mode}) failed: {_first_line(e)}"
+                               + (f" | {short(why[0], 120)}" if why else "")) from None
 
         def call(qb, kb, vb):
             with sdpa_kernel(backend):
@@ -975,7 +1189,9 @@ class Runner:
         return Bench(lambda: torch.autograd.grad(o, (ql, kl, vl), dot, retain_graph=True), canon=list,
                      note=(note + " " if note else "") + "autograd.grad(retain_graph=True) only")
 
-    def _build_jax(self, cell, mode, causal):
+    def _build_jax(self, cell, mode, causal, p=0.0):
+        if p > 0:
+            raise Skip("jax.nn.dot_product_attention has no dropout")
         jax = self.jax
         jq, jk, jv, jdo = cell.jax_inputs()
         f = functools.partial(jax.nn.dot_product_attention, is_causal=causal, implementation="cudnn")
@@ -1012,6 +1228,17 @@ class Runner:
     def run_grid(self):
         cfg, res = self.cfg, self.res
         order = [i for i in MEASURE_ORDER if i in cfg.impls]
+        if DET in order and "fwd" in cfg.modes:
+            print(f"[skip] {DET}: backward only (deterministic=True changes only the backward); "
+                  f"not measured in fwd cells")
+        check = cfg.check and cfg.dropout == 0
+        if cfg.check and not check:
+            print("note: correctness check off: with dropout the implementations draw different masks")
+        if cfg.dropout > 0:
+            print(f"dropout: p={cfg.dropout:g} on every implementation that has it; cuflash seed {cfg.dropout_seed}")
+        if cfg.dropout_compare:
+            print(f"dropout compare: cuflash-drop and torch-fa2-drop at p={cfg.dropout_compare:g}, the others at "
+                  f"p=0; cuflash seed {cfg.dropout_seed}")
         for hd in cfg.headdims:
             for s in cfg.seqlens:
                 if res.fatal:
@@ -1029,15 +1256,16 @@ class Runner:
                         where = f"{mode} {causal_name(causal)} d{hd} s{fmt_size(s)}"
                         flops = attn_flops(batch, nheads, s, s, hd, causal, mode)
                         ref, got = None, {}
-                        for impl in order:
-                            keep = cfg.check and ((impl in REF_ORDER and ref is None) or impl in CHECKED)
+                        morder = [i for i in order if i != DET or mode == "bwd"]
+                        for impl in morder:
+                            keep = check and ((impl in REF_ORDER and ref is None) or impl in CHECKED)
                             row, out = self.run_impl(impl, self.builder(impl, cell, mode, causal), where, keep)
                             if out is not None and impl in REF_ORDER and ref is None:
                                 ref = out
                             elif out is not None and impl in CHECKED:
                                 got[impl] = out
                             row.update(mode=mode, causal=causal, headdim=hd, seqlen=s, batch=batch, nheads=nheads,
-                                       dtype=cfg.dtype, check_rel_err=None,
+                                       dtype=cfg.dtype, check_rel_err=None, dropout_p=self.impl_dropout(impl),
                                        tflops=(flops / (row["ms"] * 1e-3) / 1e12) if row["ms"] else None)
                             res.grid.append(row)
                         for impl, out in got.items():
@@ -1051,7 +1279,7 @@ class Runner:
                                     print(f"  CHECK FAILED {impl} {where}: rel err {r['check_rel_err']:.3e} "
                                           f"(tol {CHECK_TOL[mode]})")
                         del ref, got
-                        cur = [r for r in res.grid[-len(order):]]
+                        cur = [r for r in res.grid[-len(morder):]]
                         print(f"{where:<28} " + " | ".join(
                             f"{r['impl']} {fnum(r['tflops'], 0, 1).strip()}" for r in cur), flush=True)
                 del cell
@@ -1086,7 +1314,7 @@ class Runner:
         res.copy_gbps = self.copy_bandwidth()
         print(f"device-to-device copy bandwidth (torch copy_ of {COPY_BYTES >> 30} GiB, 2*bytes/time): "
               f"{fnum(res.copy_gbps, 0, 0).strip()} GB/s")
-        order = [i for i in MEASURE_ORDER if i in cfg.impls]
+        order = [i for i in MEASURE_ORDER if i in cfg.impls and i not in VARIANTS]   # inference: no dropout
         itemsize = 2
         for b in cfg.decode_batches:
             for sk in cfg.decode_seqlens:
@@ -1104,7 +1332,7 @@ class Runner:
                 ref, got = None, {}
                 for impl in order:
                     keep = cfg.check and ((impl in REF_ORDER and ref is None) or impl in CHECKED)
-                    builder = self.builder(impl, cell, "fwd", False)
+                    builder = self.builder(impl, cell, "fwd", False, p=0.0)
                     row, out = self.run_impl(impl, builder, where, keep)
                     if out is not None and impl in REF_ORDER and ref is None:
                         ref = out
@@ -1141,7 +1369,8 @@ class Runner:
                       flush=True)
                 del cell
                 self.torch.cuda.empty_cache()
-        print("\n" + format_decode_table(res.decode, [i for i in IMPLS if i in cfg.impls], res.copy_gbps) + "\n")
+        print("\n" + format_decode_table(res.decode, [i for i in IMPLS if i in cfg.impls and i not in VARIANTS],
+                                         res.copy_gbps) + "\n")
 
     # -- memory --
     def _peak_extra(self, fn):
@@ -1177,17 +1406,17 @@ class Runner:
         for s in cfg.memory_seqlens:
             shape = (b, s, h, d)
             el = b * s * h * d * 2
-            base = dict(seqlen=s, batch=b, nheads=h, headdim=d, dtype=cfg.dtype)
-            res.memory.append(dict(base, impl="outputs-only", phase="fwd", status="ok",
+            base = dict(seqlen=s, batch=b, nheads=h, headdim=d, dtype=cfg.dtype, dropout_p=cfg.dropout)
+            res.memory.append(dict(base, impl="outputs-only", phase="fwd", status="ok", dropout_p=None,
                                    extra_mib=(el + b * h * s * 4) / 2 ** 20, method="out + lse"))
-            res.memory.append(dict(base, impl="outputs-only", phase="fwd+bwd", status="ok",
+            res.memory.append(dict(base, impl="outputs-only", phase="fwd+bwd", status="ok", dropout_p=None,
                                    extra_mib=(4 * el + b * h * s * 4) / 2 ** 20, method="out, lse, dq, dk, dv"))
             try:
                 cell = Cell(self, b, s, s, h, h, d, True, seed=cfg.seed + s)
             except Exception as e:  # noqa: BLE001
                 print(f"  [error] memory inputs s{fmt_size(s)}: {_first_line(e)}")
                 continue
-            for impl in [i for i in MEASURE_ORDER if i in cfg.impls]:
+            for impl in [i for i in MEASURE_ORDER if i in cfg.impls and i not in VARIANTS]:
                 for phase in ("fwd", "fwd+bwd"):
                     where = f"memory {phase} s{fmt_size(s)}"
                     row = dict(base, impl=impl, phase=phase, status="ok", extra_mib=None, method="", note="")
@@ -1201,6 +1430,8 @@ class Runner:
                         continue
                     try:
                         if impl == "jax-cudnn":
+                            if cfg.dropout > 0:
+                                raise Skip("jax.nn.dot_product_attention has no dropout")
                             row["extra_mib"] = self._jax_memory(shape, False, phase) / 2 ** 20
                             row["method"] = "XLA memory_analysis: output+temp"
                         else:
@@ -1329,7 +1560,9 @@ def build_parser(prog=None):
         prog=prog, description="Benchmark cuflash against torch SDPA (FA2, cuDNN, mem-efficient) and JAX cuDNN.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Without --mode, the fwd+bwd grid runs unless --decode/--memory/--latency is given (then only "
-               "those run; add --mode both to get the grid too). Sizes accept 'k': 512,1k,16k.")
+               "those run; add --mode both to get the grid too). Sizes accept 'k': 512,1k,16k. "
+               "cuflash-det (cuflash backward with deterministic=True) is measured in bwd cells by default; the "
+               "summary reports cuflash-det/cuflash ('deterministic cost').")
     p.add_argument("--mode", choices=("fwd", "bwd", "both", "none"), default=None,
                    help="grid: forward, backward (timed alone), both, or none (default: both)")
     p.add_argument("--headdims", type=parse_sizes, default=None, help="comma list (default 64,128,256)")
@@ -1337,8 +1570,17 @@ def build_parser(prog=None):
     p.add_argument("--dtype", choices=("bf16", "fp16", "bfloat16", "float16"), default="bf16")
     p.add_argument("--causal", choices=("both", "true", "false"), default="both")
     p.add_argument("--impls", default=None,
-                   help=f"comma list among {','.join(IMPLS)} (default: all but cuflash-cupy)")
+                   help=f"comma list among {','.join(IMPLS)} (default: all but cuflash-cupy and the *-drop ones, "
+                        "which --dropout-compare adds; cuflash-det runs in bwd cells only)")
     p.add_argument("--cupy", action="store_true", help="also measure cuflash on CuPy arrays (cuflash-cupy)")
+    p.add_argument("--dropout", type=parse_prob, default=0.0, metavar="P",
+                   help="dropout probability for every implementation that has it (grid and --memory; cuflash "
+                        f"with seed {DROPOUT_SEED}+--seed, fwd and bwd alike; jax-cudnn: skipped; the correctness "
+                        "check is off). Default 0")
+    p.add_argument("--dropout-compare", type=parse_prob, default=None, metavar="P",
+                   help="grid: also measure cuflash-drop (cuflash at dropout P) and torch-fa2-drop (torch-fa2 at "
+                        "P) next to the p=0 implementations; the summary gives cuflash-drop/cuflash and "
+                        "cuflash-drop/torch-fa2-drop per cell")
     p.add_argument("--no-jax", action="store_true", help="leave out jax-cudnn (JAX is not imported)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: headdim 128, seqlen 1k and 4k (decode: batch 1,8, seqlen_k 4k,32k; memory: 16k)")
@@ -1381,13 +1623,24 @@ def resolve(args) -> Config:
     c.headdims = args.headdims or (QUICK_HEADDIMS if args.quick else DEFAULT_HEADDIMS)
     c.seqlens = args.seqlens or (QUICK_SEQLENS if args.quick else DEFAULT_SEQLENS)
     c.causals = {"both": (False, True), "true": (True,), "false": (False,)}[args.causal]
+    c.dropout = float(args.dropout or 0.0)
+    c.dropout_compare = args.dropout_compare
+    if c.dropout_compare is not None and not c.dropout_compare > 0:
+        raise SystemExit("--dropout-compare P needs P > 0")
+    if c.dropout_compare and c.dropout > 0:
+        raise SystemExit("--dropout-compare P measures cuflash at p=0 and at p=P: do not combine it with --dropout")
+    c.dropout_seed = DROPOUT_SEED + args.seed
     if args.impls:
         impls = tuple(x.strip() for x in args.impls.split(",") if x.strip())
         bad = [x for x in impls if x not in IMPLS]
         if bad:
             raise SystemExit(f"unknown --impls {bad}; choose among {', '.join(IMPLS)}")
+        if not c.dropout_compare and any(x in DROP_IMPLS for x in impls):
+            raise SystemExit(f"{', '.join(DROP_IMPLS)} need --dropout-compare P")
     else:
         impls = DEFAULT_IMPLS
+    if c.dropout_compare:
+        impls = impls + ("cuflash",) + DROP_IMPLS
     if args.cupy and "cuflash-cupy" not in impls:
         impls = impls + ("cuflash-cupy",)
     if args.no_jax:
@@ -1428,7 +1681,7 @@ def write_outputs(cfg, res):
         if res.memory:
             files.append(write_csv(f"{stem}_memory{ext or '.csv'}", res.memory, MEMORY_FIELDS))
         meta = {"env": res.env, "timer": res.timer_desc, "copy_gbps": res.copy_gbps, "latency": res.latency,
-                "argv": sys.argv, "fatal": res.fatal}
+                "dropout": res.dropout, "argv": sys.argv, "fatal": res.fatal}
         path = f"{stem}_meta.json"
         with open(path, "w") as f:
             json.dump(meta, f, indent=1, default=str)
@@ -1456,6 +1709,7 @@ def main(argv=None, prog=None) -> int:
     _ensure_importable()
     t_start = time.time()
     res = Results()
+    res.dropout = {"p": cfg.dropout, "compare": cfg.dropout_compare, "seed": cfg.dropout_seed}
     status = 0
     try:
         runner = Runner(cfg, res)
@@ -1495,15 +1749,19 @@ def main(argv=None, prog=None) -> int:
 
 # ---- self-test (no GPU) ------------------------------------------------------------------------
 
-def _fake_results(seed=1):
+def _fake_results(seed=1, dropout=0.0, compare=0.1):
+    """Synthetic Results. ``dropout``: every row at that p (as --dropout); ``compare``: add the *-drop rows
+    at that p (as --dropout-compare; ignored when ``dropout`` > 0)."""
     import random
 
     rnd = random.Random(seed)
     res = Results()
     res.env = {"gpu": "FAKE H100 (selftest)", "torch": "x", "cuflash": "0.0", "jax": "x", "cupy": "x", "triton": "x"}
     res.timer_desc = "selftest: synthetic numbers"
+    compare = None if dropout > 0 else compare
+    res.dropout = {"p": dropout, "compare": compare, "seed": DROPOUT_SEED}
     peak = {"cuflash": 1.0, "torch-fa2": 0.8, "torch-cudnn": 1.05, "torch-memeff": 0.55, "jax-cudnn": 1.02,
-            "cuflash-cupy": 0.99}
+            "cuflash-cupy": 0.99, "cuflash-det": 0.85, "cuflash-drop": 0.82, "torch-fa2-drop": 0.7}
     for hd in DEFAULT_HEADDIMS:
         for s in DEFAULT_SEQLENS:
             b, h = grid_shape(s, hd)
@@ -1511,26 +1769,34 @@ def _fake_results(seed=1):
                 for mode in ("fwd", "bwd"):
                     flops = attn_flops(b, h, s, s, hd, causal, mode)
                     for impl in IMPLS:
+                        if (impl == DET and mode == "fwd") or (impl in DROP_IMPLS and not compare):
+                            continue
                         tf = 500 * peak[impl] * (1 - 0.5 / math.log2(s)) * (0.7 if causal and s < 2048 else 1.0) \
                             * (0.8 if mode == "bwd" else 1.0) * rnd.uniform(0.95, 1.05)
+                        p = compare if impl in DROP_IMPLS else dropout
                         row = dict(mode=mode, causal=causal, headdim=hd, seqlen=s, batch=b, nheads=h, dtype="bf16",
                                    impl=impl, status="ok", timer="fake", note="", first_call_s=0.5,
-                                   check_rel_err=None)
+                                   check_rel_err=None, dropout_p=p)
                         if impl == "torch-cudnn" and hd == 256 and mode == "bwd":
                             row.update(status="error", note="RuntimeError: No available kernel. Aborting execution.")
+                        elif impl == "jax-cudnn" and dropout > 0:
+                            row.update(status="skip", note="jax.nn.dot_product_attention has no dropout")
                         elif impl == "jax-cudnn" and s == 512 and causal:
                             row.update(status="skip", note="fake skip")
+                        elif impl == DET and hd == 256 and s == 512 and causal:
+                            row.update(status="skip", note="not implemented: fake deterministic skip")
                         if row["status"] == "ok":
                             row["ms"] = flops / (tf * 1e12) * 1e3
                             row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
-                            if impl in CHECKED:
+                            if impl in CHECKED and not dropout:
                                 row["check_rel_err"] = rnd.uniform(1e-3, 8e-3)
                         else:
                             row.update(ms=None, tflops=None)
                             key = (impl, row["status"], row["note"])
                             res.notes[key] = res.notes.get(key, 0) + 1
                         res.grid.append(row)
-    res.grid[5]["check_rel_err"] = 0.5   # one failure to display
+    if not dropout:
+        next(r for r in res.grid if r["impl"] == "cuflash")["check_rel_err"] = 0.5   # one failure to display
     res.copy_gbps = 2950.0
     for b in DECODE_BATCHES:
         for sk in DECODE_SEQLENS:
@@ -1561,6 +1827,66 @@ def _fake_results(seed=1):
                    "cache": "3 files, 1.2 MiB in CUFLASH_CACHE_DIR"}
     res.elapsed = 123.0
     return res
+
+
+def _raises(fn, *a):
+    try:
+        fn(*a)
+    except (SystemExit, argparse.ArgumentTypeError, ValueError):
+        return True
+    return False
+
+
+def _selftest_builders(check):
+    """The cuflash calls behind cuflash / cuflash-det / cuflash-drop, on a stand-in module (no GPU)."""
+    calls = []
+
+    class FakeCuflash:
+        @staticmethod
+        def attention(q, k, v, **kw):
+            calls.append(("fwd", kw))
+            return ("out", "lse") if kw.get("return_lse") else "out"
+
+        @staticmethod
+        def attention_backward(dout, q, k, v, out, lse, **kw):
+            calls.append(("bwd", kw))
+            return ("dq", "dk", "dv")
+
+    class FakeCell:
+        q = k = v = dout = object()
+
+    cfg = Config()
+    cfg.dropout, cfg.dropout_compare, cfg.dropout_seed = 0.0, 0.2, DROPOUT_SEED
+    r = Runner.__new__(Runner)
+    r.cfg, r.cuflash, r.torch = cfg, FakeCuflash, None
+
+    def run(impl, mode):
+        del calls[:]
+        r.builder(impl, FakeCell, mode, True)().fn()
+        return list(calls)
+
+    seed = DROPOUT_SEED
+    ok = run("cuflash", "fwd") == [("fwd", {"causal": True})]
+    ok = ok and run("cuflash", "bwd")[-1] == ("bwd", {"causal": True})
+    got = run(DET, "bwd")
+    ok = ok and got == [("fwd", {"causal": True, "return_lse": True}), ("bwd", {"causal": True, "deterministic": True})]
+    got = run("cuflash-drop", "bwd")
+    ok = ok and got == [("fwd", {"causal": True, "return_lse": True, "dropout_p": 0.2, "seed": seed}),
+                        ("bwd", {"causal": True, "dropout_p": 0.2, "seed": seed})]
+    ok = ok and run("cuflash-drop", "fwd") == [("fwd", {"causal": True, "dropout_p": 0.2, "seed": seed})]
+    cfg.dropout, cfg.dropout_compare = 0.1, None
+    got = run(DET, "train")
+    ok = ok and got == [("fwd", {"causal": True, "return_lse": True, "dropout_p": 0.1, "seed": seed}),
+                        ("bwd", {"causal": True, "dropout_p": 0.1, "seed": seed, "deterministic": True})]
+    ok = ok and r.builder("cuflash", FakeCell, "fwd", True, p=0.0)().note == ""   # decode: never dropout
+    check(ok, "cuflash builders: deterministic / dropout_p / seed passed as intended")
+    skips = []
+    for impl, mode in ((DET, "fwd"), ("jax-cudnn", "fwd")):
+        try:
+            r.builder(impl, FakeCell, mode, False)()
+        except Skip as e:
+            skips.append(str(e))
+    check(len(skips) == 2 and "no dropout" in skips[1], "cuflash-det fwd and jax-cudnn with dropout are skips")
 
 
 def selftest(outdir=None) -> int:
@@ -1599,6 +1925,22 @@ def selftest(outdir=None) -> int:
           and c.dtype == "fp16" and c.seqlens == (2048,) and c.csv == os.path.join("/tmp/o", "x.csv"), "flag combo")
     c = resolve(p.parse_args(["--all"]))
     check(c.modes == ("fwd", "bwd") and c.decode and c.memory and c.latency, "--all")
+    check(parse_prob("0.1") == 0.1 and parse_prob("0") == 0.0 and _raises(parse_prob, "1")
+          and _raises(parse_prob, "-0.1") and _raises(parse_prob, "x"), "parse_prob")
+    c = resolve(p.parse_args([]))
+    check(DET in c.impls and c.dropout == 0 and c.dropout_compare is None
+          and not any(i in c.impls for i in DROP_IMPLS), "default: cuflash-det in, no dropout")
+    c = resolve(p.parse_args(["--dropout", "0.1", "--seed", "3"]))
+    check(c.dropout == 0.1 and c.dropout_seed == DROPOUT_SEED + 3 and c.impls == DEFAULT_IMPLS, "--dropout")
+    c = resolve(p.parse_args(["--dropout-compare", "0.15", "--impls", "torch-cudnn"]))
+    check(c.dropout == 0 and c.dropout_compare == 0.15
+          and c.impls == ("cuflash", "cuflash-drop", "torch-fa2-drop", "torch-cudnn"), "--dropout-compare adds impls")
+    check(_raises(resolve, p.parse_args(["--dropout", "0.1", "--dropout-compare", "0.1"]))
+          and _raises(resolve, p.parse_args(["--impls", "cuflash-drop"]))
+          and _raises(resolve, p.parse_args(["--dropout-compare", "0"])), "dropout flag misuse refused")
+    with contextlib.redirect_stderr(io.StringIO()):   # argparse prints its usage message
+        check(_raises(p.parse_args, ["--dropout", "1.5"]), "--dropout 1.5 refused by the parser")
+    _selftest_builders(check)
 
     res = _fake_results()
     t = format_grid_table(res.grid, "fwd", True, 128, list(DEFAULT_IMPLS))
@@ -1614,6 +1956,20 @@ def selftest(outdir=None) -> int:
     row = [ln for ln in format_grid_table(res.grid, "fwd", False, 64, list(DEFAULT_IMPLS)).splitlines()
            if ln.strip().startswith("1k")][0]
     check(abs(float(row.split("|")[1].split()[0]) - want) < 0.006, "cf/FA2 ratio column")
+    check(DET not in format_grid_table(res.grid, "fwd", False, 64, list(IMPLS)), "fwd table: no cuflash-det")
+    t = format_grid_table(res.grid, "bwd", False, 64, list(IMPLS))
+    print(t)
+    key = ("bwd", False, 64, 1024)
+    row = [ln for ln in t.splitlines() if ln.strip().startswith("1k")][0].split("|")[1].split()
+    want = [_tflops(idx[key + (a,)]) / _tflops(idx[key + (b,)]) for a, b in
+            ((DET, "cuflash"), ("cuflash-drop", "cuflash"), ("cuflash-drop", "torch-fa2-drop"))]
+    check(DET in t and "det/cf" in t and "drop/FA2d" in t and "*-drop: dropout p=0.1" in t
+          and all(abs(float(x) - w) < 0.006 for x, w in zip(row[2:], want)), "bwd table: det/cf, drop/cf, drop/FA2d")
+    dets = grid_ratios(idx, "bwd", DET, "cuflash")
+    check(len(dets) == 2 * len(DEFAULT_HEADDIMS) * len(DEFAULT_SEQLENS) - 1
+          and abs(geomean([x for x, _ in dets]) - 0.85) < 0.05, "det ratios: one per bwd cell where both ran")
+    xb = [t for t in grid_ratios(idx, "fwd", "cuflash-drop", "cuflash") if in_drop_bar(*t[1])]
+    check(len(xb) == 2 * len(DROP_BAR_HEADDIMS) * 4, "dropout bar cells: d64/d128, 2k..16k, both causal")
 
     outdir = outdir or tempfile.mkdtemp(prefix="cuflash_bench_selftest_")
     cfg = resolve(p.parse_args(["--outdir", outdir]))
@@ -1621,14 +1977,33 @@ def selftest(outdir=None) -> int:
     res.elapsed = 1.0
     s = format_summary(res)
     print(s)
-    check(len(s) <= SUMMARY_LIMIT, f"summary fits ({len(s)} <= {SUMMARY_LIMIT} chars)")
-    check("CHECK FAILED" in s and "geomean" in s and "decode" in s and "memory" in s and "cold" in s,
-          "summary sections")
+    check(len(s) <= SUMMARY_LIMIT and "truncated" not in s,
+          f"summary fits untruncated, all sections, det + dropout compare ({len(s)} <= {SUMMARY_LIMIT} chars)")
+    check("CHECK FAILED" in s and "geomean" in s and "decode" in s and "memory" in s and "cold" in s
+          and "DETERMINISTIC COST" in s and "DROPOUT COMPARE p=0.1" in s, "summary sections")
+    want = f"cuflash-det/cuflash bwd: geomean {geomean([x for x, _ in dets]):.2f} over {len(dets)}"
+    xs = grid_ratios(idx, "bwd", "cuflash-drop", "cuflash")
+    ys = grid_ratios(idx, "bwd", "cuflash-drop", "torch-fa2-drop")
+    want_y = (f"| y {geomean([x for x, _ in ys]):.2f}/{min(ys)[0]:.2f} ({_where(min(ys)[1])}) "
+              f"{sum(1 for x, _ in ys if x >= 1.0)}/{len(ys)} >= 1.00")
+    check(want in s and f"bwd: x all {geomean([x for x, _ in xs]):.2f}/{min(xs)[0]:.2f}" in s and want_y in s,
+          "summary det/dropout stats match rows")
+    # --dropout P on everything: like-for-like a/b, jax skipped, no compare section, no check
+    res2 = _fake_results(seed=2, dropout=0.1)
+    res2.elapsed = 1.0
+    s2 = format_summary(res2)
+    t2 = format_grid_table(res2.grid, "bwd", True, 128, list(DEFAULT_IMPLS))
+    print(t2)
+    check("DROPOUT p=0.1 on every" in s2 and "DROPOUT COMPARE" not in s2 and "DETERMINISTIC COST" in s2
+          and "dropout p=0.1" in t2 and "jax-cudnn skip" in s2 and "fwd worst" not in s2
+          and len(s2) <= SUMMARY_LIMIT, f"--dropout summary ({len(s2)} chars) and table")
     check(all(os.path.isfile(f) and os.path.getsize(f) > 0 for f in files), f"{len(files)} files written")
     back = load_csv(cfg.csv)
     check(len(back) == len(res.grid) and back[0]["causal"] == res.grid[0]["causal"]
           and abs(back[10]["tflops"] - res.grid[10]["tflops"]) < 1e-6 * res.grid[10]["tflops"]
-          and back[10]["seqlen"] == res.grid[10]["seqlen"], "grid CSV round trip")
+          and back[10]["seqlen"] == res.grid[10]["seqlen"]
+          and [r["dropout_p"] for r in back] == [r["dropout_p"] for r in res.grid]
+          and {r["impl"] for r in back} == {r["impl"] for r in res.grid}, "grid CSV round trip (dropout_p, new impls)")
     stem = os.path.splitext(cfg.csv)[0]
     dec = load_csv(stem + "_decode.csv")
     check(len(dec) == len(res.decode) and isinstance(dec[0]["bytes"], int), "decode CSV round trip")
