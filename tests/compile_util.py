@@ -31,3 +31,15 @@ def pool_map(fn, jobs):
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
     with ProcessPoolExecutor(workers) as ex:
         return list(ex.map(fn, jobs))
+
+
+def _compile_one(job):
+    arch, f, n = job
+    c = _compile.compile_cubin(f, (n,), arch)
+    return job, c.resources[n], str(c.cubin_path)
+
+
+def compile_variants(variants, archs=ARCHS):
+    """{(arch, file, name): (resources, cubin path)} for every variant and arch, compiled in a pool."""
+    jobs = [(arch, f, n) for arch in archs for f, n in variants]
+    return {job: (res, path) for job, res, path in pool_map(_compile_one, jobs)}

@@ -9,28 +9,20 @@ pool, one variant per compile, exactly as ``get_function`` compiles them at run 
 
 import pytest
 
-from cuflash import _compile
 
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) not installed")
 
 from cuflash import _launch_bwd  # noqa: E402
 
-from .compile_util import ARCHS, pool_map, requires_nvrtc  # noqa: E402
+from .compile_util import compile_variants, requires_nvrtc  # noqa: E402
 
 
 pytestmark = requires_nvrtc
 
 
-def _compile_one(job):
-    arch, f, n = job
-    c = _compile.compile_cubin(f, (n,), arch)
-    return job, c.resources[n]
-
-
 @pytest.fixture(scope="module")
 def compiled():
-    jobs = [(arch, f, n) for arch in ARCHS for f, n in _launch_bwd.backward_portable_variants()]
-    return dict(pool_map(_compile_one, jobs))
+    return {job: res for job, (res, _) in compile_variants(_launch_bwd.backward_portable_variants()).items()}
 
 
 def _threads(name: str) -> int:

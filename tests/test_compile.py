@@ -15,7 +15,7 @@ from cuflash import _compile, _launch
 
 nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) not installed")
 
-from .compile_util import ARCHS, pool_map, requires_nvrtc  # noqa: E402
+from .compile_util import compile_variants, requires_nvrtc  # noqa: E402
 
 
 pytestmark = requires_nvrtc
@@ -98,22 +98,11 @@ def test_disk_cache_second_process(tmp_path):
 
 # ---- every variant, both architectures, zero spills --------------------------------------------
 
-def _all_variants():
-    from cuflash._precompile import all_variants
-
-    return [(arch, f, n) for arch in ARCHS for f, n in all_variants()]
-
-
-def _compile_one(job):
-    arch, f, n = job
-    c = _compile.compile_cubin(f, (n,), arch)
-    return job, c.resources[n]
-
-
 @pytest.fixture(scope="module")
 def compiled():
-    jobs = _all_variants()
-    return dict(pool_map(_compile_one, jobs))
+    from cuflash._precompile import all_variants
+
+    return {job: res for job, (res, _) in compile_variants(all_variants()).items()}
 
 
 def test_every_variant_compiles_without_spills(compiled):

@@ -18,23 +18,16 @@ pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) n
 
 from cuflash import _launch_sm80  # noqa: E402
 
-from .compile_util import ARCHS, pool_map, requires_nvrtc  # noqa: E402
+from .compile_util import compile_variants, requires_nvrtc  # noqa: E402
 SMEM_LIMIT = 227 * 1024
 
 
 pytestmark = requires_nvrtc
 
 
-def _compile_one(job):
-    arch, f, n = job
-    c = _compile.compile_cubin(f, (n,), arch)
-    return job, c.resources[n], str(c.cubin_path)
-
-
 @pytest.fixture(scope="module")
 def compiled():
-    jobs = [(arch, f, n) for arch in ARCHS for f, n in _launch_sm80.variants()]
-    return {job: (res, path) for job, res, path in pool_map(_compile_one, jobs)}
+    return compile_variants(_launch_sm80.variants())
 
 
 def test_variant_list():
