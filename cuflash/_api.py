@@ -283,14 +283,18 @@ def _launch_mod():
     return m
 
 
+def _kind_of_class(cls):
+    """The fast path's array kind of a class (cached), or None when it is not for the fast path."""
+    kind = _kinds.get(cls, _UNSET)
+    return _classify(cls) if kind is _UNSET else kind
+
+
 def _fwd_key(q, k, v, causal, softmax_scale, window_size, alibi_slopes, softcap, dropout_p, seed, deterministic,
              return_lse, out, num_splits, lse_out):
     """The plan-cache key of a forward call, or None when the call is not for the fast path."""
     try:
         cls = q.__class__
-        kind = _kinds.get(cls, _UNSET)
-        if kind is _UNSET:
-            kind = _classify(cls)
+        kind = _kind_of_class(cls)
         if kind is None or k.__class__ is not cls or v.__class__ is not cls:
             return None
         if deterministic.__class__ is not bool or return_lse.__class__ is not bool \
@@ -314,9 +318,7 @@ def _bwd_key(dout, q, k, v, out, lse, causal, softmax_scale, window_size, alibi_
     """The plan-cache key of a backward call, or None when the call is not for the fast path."""
     try:
         cls = q.__class__
-        kind = _kinds.get(cls, _UNSET)
-        if kind is _UNSET:
-            kind = _classify(cls)
+        kind = _kind_of_class(cls)
         if kind is None or deterministic.__class__ is not bool:
             return None
         if seed is None:
