@@ -153,18 +153,32 @@ def _cbool(b: bool) -> str:
     return "true" if b else "false"
 
 
-def launch(run: Run, filename: str, name: str, grid, block, params, smem: int = 0) -> None:
-    """Launch one kernel of ``kernels_cu/<filename>`` on the run's device and stream."""
+def launch(run: Run, filename: str, name: str, grid, block, params, smem: int = 0, maps=()) -> None:
+    """Launch one kernel of ``kernels_cu/<filename>`` on the run's device and stream.
+
+    ``maps``: TMA tensor-map specs (``_tma.MapSpec``) of run operands; when given, the kernel takes a
+    second argument, their encoded maps at the operands' current addresses (sm90 kernels).
+    """
     fn = _compile.get_function(filename, name, run.device_id, dynamic_smem=smem)
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("cuflash: launch %s grid=%s block=%s smem=%d", name, tuple(grid), tuple(block), smem)
     arg = params.view(PARAMS_BYTES)[()] if isinstance(params, np.ndarray) else params
+    args = (arg,)
+    if maps:
+        from . import _tma
+
+        args = (arg, _maps_arg(_tma.pack(maps, [ptr(getattr(run, m.operand)) for m in maps])))
     with run.stream:
-        fn(tuple(grid), tuple(block), (arg,), shared_mem=smem)
+        fn(tuple(grid), tuple(block), args, shared_mem=smem)
     rec = getattr(run, "record", None)
     if rec is not None:
         raw = arg.tobytes() if hasattr(arg, "tobytes") else b""
-        rec.append(("launch", filename, name, fn, tuple(grid), tuple(block), smem, raw))
+        rec.append(("launch", filename, name, fn, tuple(grid), tuple(block), smem, raw, tuple(maps)))
+
+
+def _maps_arg(blob: bytes):
+    """A by-value kernel argument holding ``blob`` (the TmaMaps struct)."""
+    return np.frombuffer(blob, dtype=np.dtype((np.void, len(blob))))[0]
 
 
 def memset(run: Run, a) -> None:
@@ -193,7 +207,8 @@ def memset(run: Run, a) -> None:
 # Kernel files whose launch code does all its device work through ``launch`` / ``memset``. A recording
 # that launched anything else is not cached (its path may do device work that a replay would miss).
 # A path joins this list once its host code uses ``memset`` instead of direct CuPy memsets / ops.
-REPLAYABLE_FILES = frozenset({"fwd_portable.cu", "fwd_sm80.cu", "combine.cu", "bwd_portable.cu", "bwd_sm80.cu"})
+REPLAYABLE_FILES = frozenset({"fwd_portable.cu", "fwd_sm80.cu", "fwd_sm90.cu", "combine.cu", "bwd_portable.cu",
+                              "bwd_sm80.cu"})
 
 # Pointer slots of a replay: the named operands, then scratch allocations in allocation order.
 SLOTS = ("q", "k", "v", "out", "lse", "alibi", "dout", "dq", "dk", "dv")
@@ -212,7 +227,8 @@ class Replay:
 
     def __init__(self, blocks, ops, nslots):
         self.blocks = blocks    # ((template Params bytes, ((word, slot, byte offset), ...)), ...)
-        self.ops = ops          # (("launch", fn, grid, block, smem, block index) | ("memset", slot, off, n), ...)
+        # (("launch", fn, grid, block, smem, block index, ((slot, MapSpec), ...)) | ("memset", slot, off, n), ...)
+        self.ops = ops
         self.nslots = nslots
 
     @classmethod
@@ -255,9 +271,11 @@ class Replay:
                     return None
                 ops.append(("memset", where[0], where[1], int(n)))
                 continue
-            _, filename, _name, fn, grid, block, smem, raw = entry
+            _, filename, _name, fn, grid, block, smem, raw = entry[:8]
+            maps = entry[8] if len(entry) > 8 else ()
             if filename not in REPLAYABLE_FILES or len(raw) != PARAMS_DTYPE.itemsize:
                 return None
+            map_slots = tuple((SLOTS.index(m.operand), m) for m in maps)
             words = memoryview(raw).cast("Q").tolist()
             patches = []
             for slot, w in _PTR_SLOT_WORDS:
@@ -278,7 +296,7 @@ class Replay:
             if b is None:
                 b = index[blk] = len(blocks)
                 blocks.append(blk)
-            ops.append(("launch", fn, tuple(grid), tuple(block), int(smem), b))
+            ops.append(("launch", fn, tuple(grid), tuple(block), int(smem), b, map_slots))
         return cls(tuple(blocks), tuple(ops), nsrc + len(ranges))
 
     def launch_all(self, ptrs, seed: int, stream) -> None:
@@ -293,8 +311,14 @@ class Replay:
             bufs.append(buf)
         for op in self.ops:
             if op[0] == "launch":
-                _, fn, grid, block, smem, b = op
-                fn(grid, block, (_arg(bufs[b]),), shared_mem=smem, stream=stream)
+                _, fn, grid, block, smem, b, map_slots = op
+                if map_slots:
+                    from . import _tma
+
+                    blob = _tma.pack([m for _, m in map_slots], [ptrs[s] for s, _ in map_slots])
+                    fn(grid, block, (_arg(bufs[b]), _maps_arg(blob)), shared_mem=smem, stream=stream)
+                else:
+                    fn(grid, block, (_arg(bufs[b]),), shared_mem=smem, stream=stream)
             else:
                 _, s, off, n = op
                 _memset_async(ptrs[s] + off, n, stream)
@@ -335,11 +359,16 @@ def forward_portable(run: Run) -> None:
 
 def forward(run: Run) -> None:
     """Pick the forward path for this run and launch it (``run.path`` says which ran)."""
-    from . import _launch_sm80
+    from . import _launch_sm80, _launch_sm90
 
-    run.path = "sm80" if _launch_sm80.supports(run) else "portable"
+    if _launch_sm90.supports(run):
+        run.path = "sm90"
+    else:
+        run.path = "sm80" if _launch_sm80.supports(run) else "portable"
     _log.debug("cuflash: forward path=%s dtype=%s headdim=%d", run.path, run.dtype, run.headdim)
-    if run.path == "sm80":
+    if run.path == "sm90":
+        _launch_sm90.forward_sm90(run)
+    elif run.path == "sm80":
         _launch_sm80.forward_sm80(run)
     else:
         forward_portable(run)

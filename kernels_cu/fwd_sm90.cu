@@ -1,0 +1,419 @@
+// fwd_sm90.cu: the Hopper FlashAttention forward (sm_90a) for fp16 / bf16: wgmma, TMA, mbarrier
+// pipelines and warp specialisation.
+//
+// One block of 384 threads computes 128 query rows of one (batch, head), three warpgroups:
+//
+//   * Producer (warpgroup 0, one elected thread; setmaxnreg gives its registers away): TMA loads of
+//     the Q tile (once) and of K and V tiles into a ring of STAGES shared-memory slots each. Every
+//     slot has a "full" mbarrier (completed by the TMA bytes) and an "empty" one (8 arrivals: one per
+//     consumer warp once its MMAs have read the slot). K and V have separate barriers, so that a K
+//     slot is refilled as soon as S = Q K^T has read it, before P V is done with the V slot.
+//   * Two consumers (warpgroups 1 and 2, 240 registers each), 64 query rows each. Per key tile j:
+//       S(j) = Q K(j)^T   wgmma, A = Q and B = K from shared memory (K-major, 128-byte swizzle),
+//       O += P(j-1) V(j-1) issued right behind it: P from registers as the A operand, V N-major,
+//       then the softmax of S(j) runs while P(j-1) V(j-1) is still in the tensor cores (intra-warpgroup
+//       overlap); O is rescaled once that MMA has retired.
+//     PINGPONG: the two consumers take turns issuing their MMAs (named barriers 1 and 2), so that one
+//     warpgroup's softmax overlaps the other's MMAs.
+//   * Shared memory: Q (128 x D) and the K / V slots (BN x D), each stored as D / 64 column blocks of
+//     rows x 128 bytes in the 128-byte swizzle that TMA writes and wgmma reads. The output is staged
+//     in the consumer's own rows of the Q tile and written by TMA (rows past seqlen_q and columns past
+//     headdim are clipped by the tensor map); the LSE straight from registers.
+//   * Masks, softcap, ALiBi, GQA as in the other paths (score transform as in fwd_sm80.cu: plain scores
+//     stay raw with scale * log2(e) folded into exp2; softcap / ALiBi / non-positive scale turn them
+//     into log2-domain values first). Key tiles are visited last to first; only tiles that cross a
+//     row's window edge or seqlen_k run the mask. Head dims pad to the bucket D (TMA zero-fills the
+//     columns past headdim; the store clips them).
+//
+// Not here (the host routes these to fwd_sm80.cu): dropout, split-KV, packed GQA for decoding.
+#include "mask.cuh"
+#include "mma.cuh"
+#include "sm90.cuh"
+#include "wgmma_ops.cuh"
+
+namespace cuflash {
+namespace sm90 {
+
+// The tensor maps of one launch (cuflash/_tma.py encodes them; second kernel parameter).
+struct TmaMaps {
+    TmaDesc q, k, v, o;
+};
+
+template <int D, int BN, int STAGES>
+struct Sm90FwdTraits {
+    static constexpr int kBM = 128;           // two consumer warpgroups x 64 rows
+    static constexpr int kThreads = 384;      // producer + 2 consumers
+    static constexpr int kChunks = D / 64;    // 64-column (128-byte) swizzle blocks
+    static constexpr int kQBytes = kBM * D * 2;
+    static constexpr int kKVBytes = BN * D * 2;
+    // + 1024: the dynamic window is aligned up to 1024 bytes (swizzle atoms) at run time.
+    static constexpr int kSmemBytes = 1024 + kQBytes + 2 * STAGES * kKVBytes;
+    static constexpr int kBars = 1 + 4 * STAGES;  // q_full, k_full[], v_full[], k_empty[], v_empty[]
+    static_assert(D % 64 == 0 && D >= 64 && D <= 256, "head-dim bucket must be 64, 128, 192 or 256");
+    static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key tile must be a multiple of 16, at most 256");
+    static_assert(STAGES >= 2, "at least two slots per ring");
+    static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm90 per-block limit");
+};
+
+constexpr int kBarPingPong = 1;  // named barriers 1, 2: consumer turns
+constexpr int kBarEpilogue = 3;  // named barriers 3, 4: one per consumer warpgroup
+
+}  // namespace sm90
+
+template <typename T, int D, int BN, int STAGES, bool PINGPONG, bool OVERLAP = true>
+__global__ void __launch_bounds__(384, 1)
+fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps maps) {
+    using namespace sm90;
+    using sm80::ex2;
+    using sm80::smem_addr;
+    using Tr = Sm90FwdTraits<D, BN, STAGES>;
+    constexpr int kNT = BN / 8;   // n8 tiles of the score fragment
+    constexpr int kKS = D / 16;   // k-steps of S = Q K^T
+    constexpr int kPS = BN / 16;  // k-steps of O += P V
+    extern __shared__ __align__(1024) unsigned char smem[];
+    __shared__ __align__(8) u64 bars[Tr::kBars];
+
+    {   // The host must have given the traits' dynamic shared memory: fail loudly, never corrupt.
+        u32 dyn;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+        if (dyn < (u32)Tr::kSmemBytes) __trap();
+    }
+    const u32 sQ = (smem_addr(smem) + 1023u) & ~1023u;
+    const u32 sK = sQ + Tr::kQBytes;
+    const u32 sV = sK + STAGES * Tr::kKVBytes;
+    const u32 bar0 = smem_addr(bars);
+    const u32 q_full = bar0;
+    auto k_full = [&](int s) { return bar0 + 8u * (1 + s); };
+    auto v_full = [&](int s) { return bar0 + 8u * (1 + STAGES + s); };
+    auto k_empty = [&](int s) { return bar0 + 8u * (1 + 2 * STAGES + s); };
+    auto v_empty = [&](int s) { return bar0 + 8u * (1 + 3 * STAGES + s); };
+
+    // warp and warpgroup through a shuffle: provably warp-uniform for the compiler, which otherwise
+    // treats every branch on them as divergent and serialises the wgmma inside.
+    const int tid = threadIdx.x, lane = tid & 31;
+    const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0), wg = warp >> 2;
+    const int m0 = (gridDim.x - 1 - blockIdx.x) * Tr::kBM;  // heaviest (causal) blocks first
+    const int h = blockIdx.y, b = blockIdx.z;
+    const int hk = h / (p.nheads / p.nheads_k);
+    const int sq = p.seqlen_q, sk = p.seqlen_k;
+    const int shift = sk - sq;  // query i sits at key position i + shift (bottom-right alignment)
+    const int wl = p.window_left, wr = p.window_right;
+
+    // Key tiles any row of the block keeps (first_key / last_key are non-decreasing in the query).
+    const int i_last = min(m0 + Tr::kBM, sq) - 1;
+    const int key_lo = wl < 0 ? 0 : max(0, m0 + shift - wl);
+    const int key_hi = wr < 0 ? sk - 1 : min(sk - 1, i_last + shift + wr);  // inclusive
+    const int nb_lo = key_lo / BN;
+    const int nb_hi = key_hi < key_lo ? nb_lo : key_hi / BN + 1;
+    const int n_iter = nb_hi - nb_lo;  // tiles visited: nb_hi - 1 down to nb_lo
+
+    if (tid == 0) {
+        mbar_init(q_full, 1);
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(k_full(s), 1);
+            mbar_init(v_full(s), 1);
+            mbar_init(k_empty(s), 8);  // one arrival per consumer warp
+            mbar_init(v_empty(s), 8);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // ---- producer ---------------------------------------------------------------------------------
+        setmaxnreg_dec<24>();
+        if (warp == 0 && lane == 0 && n_iter > 0) {
+            prefetch_tma_desc(&maps.q);
+            prefetch_tma_desc(&maps.k);
+            prefetch_tma_desc(&maps.v);
+            mbar_arrive_expect_tx(q_full, Tr::kQBytes);
+#pragma unroll
+            for (int c = 0; c < Tr::kChunks; ++c) tma_load_4d(sQ + c * (Tr::kBM * 128), &maps.q, c * 64, h, m0, b, q_full);
+            for (int it = 0; it < n_iter; ++it) {
+                const int s = it % STAGES;
+                const u32 ph = (it / STAGES) & 1;
+                const int k0 = (nb_hi - 1 - it) * BN;
+                if (it >= STAGES) mbar_wait(k_empty(s), ph ^ 1);
+                mbar_arrive_expect_tx(k_full(s), Tr::kKVBytes);
+#pragma unroll
+                for (int c = 0; c < Tr::kChunks; ++c)
+                    tma_load_4d(sK + s * Tr::kKVBytes + c * (BN * 128), &maps.k, c * 64, hk, k0, b, k_full(s));
+                if (it >= STAGES) mbar_wait(v_empty(s), ph ^ 1);
+                mbar_arrive_expect_tx(v_full(s), Tr::kKVBytes);
+#pragma unroll
+                for (int c = 0; c < Tr::kChunks; ++c)
+                    tma_load_4d(sV + s * Tr::kKVBytes + c * (BN * 128), &maps.v, c * 64, hk, k0, b, v_full(s));
+            }
+        }
+        return;
+    }
+
+    // ---- consumers ---------------------------------------------------------------------------------
+    setmaxnreg_inc<240>();
+    const int cw = wg - 1;                                // consumer index: rows 64 cw .. 64 cw + 63
+    const int wrow = 16 * (warp & 3) + (lane >> 2);       // fragment row (half 0) within the 64
+    const int tq = lane & 3;                              // fragment column pair
+    const int r0 = m0 + 64 * cw;                          // first query row of this warpgroup
+    const bool transform = p.softcap > 0.f || p.alibi != nullptr || !(p.scale_log2 > 0.f);
+    const float mult = transform ? 1.f : p.scale_log2;
+    // Tiles that need the mask for some row of this warpgroup: keys past the smallest last_key or
+    // before the largest first_key of its rows.
+    const int r_hi = min(r0 + 63, sq - 1);
+    const int right_lim = wr < 0 ? sk - 1 : min(sk - 1, r0 + shift + wr);
+    const int left_lim = wl < 0 ? 0 : r_hi + shift - wl;
+
+    float o[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
+    u32 pf[kPS][4];  // P of the previous tile, 16-bit pairs: the A fragments of O += P V
+
+    // Q rows of this warpgroup: column block c at sQ + c * 128 * 128 + 64 cw * 128.
+    const u32 q_base = sQ + 64 * cw * 128;
+
+    // S(j) = Q K(j)^T into sacc (issue only; the caller commits).
+    auto issue_qk = [&](float (&sacc)[BN / 2], int s) {
+        const u32 kb = sK + s * Tr::kKVBytes;
+#pragma unroll
+        for (int ks = 0; ks < kKS; ++ks) {
+            const u32 off = (ks & 3) * 32;  // 16 columns = 32 bytes within a 128-byte row
+            const u64 da = smem_desc_sw128(q_base + (ks >> 2) * (Tr::kBM * 128) + off, 16, 1024);
+            const u64 db = smem_desc_sw128(kb + (ks >> 2) * (BN * 128) + off, 16, 1024);
+            Wgmma<T, BN>::ss(sacc, da, db, ks > 0);
+        }
+    };
+    // O += P V(slot s) with P in registers (issue only).
+    auto issue_pv = [&](const u32 (&pa)[kPS][4], int s) {
+        const u32 vb = sV + s * Tr::kKVBytes;
+#pragma unroll
+        for (int ks = 0; ks < kPS; ++ks) {
+            // V is N-major: 8-key groups 1024 bytes apart (SBO), 64-column blocks BN * 128 apart (LBO).
+            const u64 db = smem_desc_sw128(vb + ks * 16 * 128, BN * 128, 1024);
+            Wgmma<T, D>::rs_nmajor_b(o, pa[ks][0], pa[ks][1], pa[ks][2], pa[ks][3], db, 1);
+        }
+    };
+    // Scores of tile `it` (in sacc) -> probabilities as 16-bit A fragments; row statistics updated,
+    // corr = the factor by which O (still accumulating the previous tiles) must be rescaled.
+    auto softmax = [&](float (&sacc)[BN / 2], int it, u32 (&pa)[kPS][4], float (&corr)[2]) {
+        const int k0 = (nb_hi - 1 - it) * BN;
+        if (transform) {  // rare features: uniform branches
+            if (p.softcap > 0.f) {
+                const float cap_in = p.scale / p.softcap, cap_out = p.softcap * CUFLASH_LOG2E;
+#pragma unroll
+                for (int i = 0; i < BN / 2; ++i) sacc[i] = cap_out * sm80::tanh_abs_accurate(sacc[i] * cap_in);
+            } else {
+#pragma unroll
+                for (int i = 0; i < BN / 2; ++i) sacc[i] *= p.scale_log2;
+            }
+            if (p.alibi != nullptr) {
+                const float slope2 = p.alibi[(i64)b * p.alibi_batch_stride + h] * CUFLASH_LOG2E;
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int rel = r0 + wrow + 8 * hh + shift - (k0 + 2 * tq);  // |i + shift - j|
+#pragma unroll
+                    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            sacc[4 * nt + 2 * hh + e] =
+                                fmaf(-slope2, fabsf((float)(rel - (nt * 8 + e))), sacc[4 * nt + 2 * hh + e]);
+                }
+            }
+        }
+        // Mask: only tiles crossing seqlen_k or a window / causal edge of some row of the warpgroup.
+        if (k0 + BN - 1 > right_lim || k0 < left_lim) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int ipos = r0 + wrow + 8 * hh + shift;
+                const int c0 = k0 + 2 * tq;
+                const int lo = (wl < 0 ? 0 : ipos - wl) - c0;  // kept: lo <= c <= hi
+                const int hi = (wr < 0 ? sk - 1 : min(sk - 1, ipos + wr)) - c0;
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int c = nt * 8 + e;
+                        if (c < lo || c > hi) sacc[4 * nt + 2 * hh + e] = -INFINITY;
+                    }
+            }
+        }
+        // Online softmax: a row lives in the 4 lanes of a quad.
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            float mx = row_m[hh];
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(sacc[4 * nt + 2 * hh], sacc[4 * nt + 2 * hh + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float base = mx == -INFINITY ? 0.f : mx * mult;
+            corr[hh] = ex2(row_m[hh] * mult - base);  // 0 while nothing was kept (m = -inf)
+            row_m[hh] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float pe = ex2(fmaf(sacc[4 * nt + 2 * hh + e], mult, -base));
+                    sacc[4 * nt + 2 * hh + e] = pe;
+                    sum += pe;
+                }
+            row_l[hh] = fmaf(row_l[hh], corr[hh], sum);
+        }
+        // The C fragment of two adjacent n8 tiles is the A fragment of one k16 step.
+#pragma unroll
+        for (int ks = 0; ks < kPS; ++ks) {
+            pa[ks][0] = pack2<T>(sacc[8 * ks + 0], sacc[8 * ks + 1]);
+            pa[ks][1] = pack2<T>(sacc[8 * ks + 2], sacc[8 * ks + 3]);
+            pa[ks][2] = pack2<T>(sacc[8 * ks + 4], sacc[8 * ks + 5]);
+            pa[ks][3] = pack2<T>(sacc[8 * ks + 6], sacc[8 * ks + 7]);
+        }
+    };
+    auto release = [&](u32 bar) {  // this warp is done reading a slot
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar);
+    };
+    // PINGPONG: consumer cw issues its MMAs only on its turn (named barrier 1 + cw) and then hands the
+    // turn to the other (n_iter + 1 issue groups each; consumer 1 pre-arrives once and skips its last
+    // hand-over, so both barriers balance).
+    auto turn_begin = [&]() {
+        if (PINGPONG) named_bar_sync(kBarPingPong + cw, 256);
+    };
+    auto turn_end = [&](bool last) {
+        if (PINGPONG && !(last && cw == 1)) named_bar_arrive(kBarPingPong + (1 - cw), 256);
+    };
+
+    if (n_iter > 0) {
+        mbar_wait(q_full, 0);
+        if (PINGPONG && cw == 1) named_bar_arrive(kBarPingPong, 256);  // consumer 0 goes first
+        {   // tile 0: S(0) and its softmax
+            float sacc[BN / 2];
+            float corr[2];
+            mbar_wait(k_full(0), 0);
+            turn_begin();
+            wgmma_fence();
+            issue_qk(sacc, 0);
+            wgmma_commit();
+            turn_end(false);
+            wgmma_wait<0>();
+            fence_regs<BN / 2>(sacc);
+            release(k_empty(0));
+            softmax(sacc, 0, pf, corr);  // O is still 0: no rescale
+        }
+        if constexpr (!OVERLAP) {
+            // Plain order (for measuring the overlap): O += P(it-1) V(it-1) retires before S(it) is
+            // issued, so the softmax never runs beside an MMA of its own warpgroup.
+            for (int it = 1; it < n_iter; ++it) {
+                const int s = it % STAGES, sp = (it - 1) % STAGES;
+                float sacc[BN / 2];
+                float corr[2];
+                mbar_wait(v_full(sp), ((it - 1) / STAGES) & 1);
+                turn_begin();
+                wgmma_fence();
+                issue_pv(pf, sp);
+                wgmma_commit();
+                wgmma_wait<0>();
+                fence_regs<D / 2>(o);
+                fence_regs<kPS * 4>(&pf[0][0]);
+                release(v_empty(sp));
+                mbar_wait(k_full(s), (it / STAGES) & 1);
+                wgmma_fence();
+                issue_qk(sacc, s);
+                wgmma_commit();
+                turn_end(false);
+                wgmma_wait<0>();
+                fence_regs<BN / 2>(sacc);
+                release(k_empty(s));
+                softmax(sacc, it, pf, corr);
+#pragma unroll
+                for (int nt = 0; nt < D / 8; ++nt) {
+                    o[4 * nt + 0] *= corr[0];
+                    o[4 * nt + 1] *= corr[0];
+                    o[4 * nt + 2] *= corr[1];
+                    o[4 * nt + 3] *= corr[1];
+                }
+            }
+        } else {
+            // Steady state: S(it) issued, then O += P(it-1) V(it-1); the softmax of S(it) overlaps the latter.
+            for (int it = 1; it < n_iter; ++it) {
+                const int s = it % STAGES, sp = (it - 1) % STAGES;
+                float sacc[BN / 2];
+                float corr[2];
+                u32 pn[kPS][4];
+                mbar_wait(k_full(s), (it / STAGES) & 1);
+                mbar_wait(v_full(sp), ((it - 1) / STAGES) & 1);
+                turn_begin();
+                wgmma_fence();
+                issue_qk(sacc, s);
+                wgmma_commit();
+                issue_pv(pf, sp);
+                wgmma_commit();
+                turn_end(false);
+                wgmma_wait<1>();  // S(it) is done; P V may still run
+                fence_regs<BN / 2>(sacc);
+                release(k_empty(s));
+                softmax(sacc, it, pn, corr);
+                wgmma_wait<0>();
+                fence_regs<D / 2>(o);
+                fence_regs<kPS * 4>(&pf[0][0]);
+                release(v_empty(sp));
+#pragma unroll
+                for (int nt = 0; nt < D / 8; ++nt) {
+                    o[4 * nt + 0] *= corr[0];
+                    o[4 * nt + 1] *= corr[0];
+                    o[4 * nt + 2] *= corr[1];
+                    o[4 * nt + 3] *= corr[1];
+                }
+#pragma unroll
+                for (int ks = 0; ks < kPS; ++ks)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) pf[ks][e] = pn[ks][e];
+            }
+        }
+        {   // drain: O += P(last) V(last)
+            const int sp = (n_iter - 1) % STAGES;
+            mbar_wait(v_full(sp), ((n_iter - 1) / STAGES) & 1);
+            turn_begin();
+            wgmma_fence();
+            issue_pv(pf, sp);
+            wgmma_commit();
+            turn_end(true);
+            wgmma_wait<0>();
+            fence_regs<D / 2>(o);
+            fence_regs<kPS * 4>(&pf[0][0]);
+            release(v_empty(sp));
+        }
+    }
+
+    // ---- epilogue: O / l staged in this warpgroup's Q rows, TMA store; LSE from registers ----------
+    float inv_l[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        float l = row_l[hh];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        inv_l[hh] = l > 0.f ? 1.f / l : 0.f;
+        const int row = r0 + wrow + 8 * hh;
+        if (tq == 0 && row < sq && p.lse != nullptr)
+            p.lse[((i64)b * p.nheads + h) * sq + row] =
+                l > 0.f ? (row_m[hh] * mult + log2f(l)) * CUFLASH_LN2 : -INFINITY;
+    }
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+        const int c = nt >> 3, u = nt & 7;
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+            const int row = wrow + 8 * hh;
+            const u32 addr = q_base + c * (Tr::kBM * 128) + row * 128 + ((u ^ (row & 7)) << 4) + 4 * tq;
+            sm80::sts_u32(addr, pack2<T>(o[4 * nt + 2 * hh] * inv_l[hh], o[4 * nt + 2 * hh + 1] * inv_l[hh]));
+        }
+    }
+    fence_proxy_async();
+    named_bar_sync(kBarEpilogue + cw, 128);
+    if ((warp & 3) == 0 && lane == 0) {
+#pragma unroll
+        for (int c = 0; c < Tr::kChunks; ++c) tma_store_4d(&maps.o, c * 64, h, r0, b, q_base + c * (Tr::kBM * 128));
+        tma_store_commit();
+        tma_store_wait_read();
+    }
+}
+
+}  // namespace cuflash

@@ -1,0 +1,228 @@
+"""GPU tests of the Hopper forward (``cuflash._launch_sm90``, ``kernels_cu/fwd_sm90.cu``).
+
+Direct: a ``Run`` is built and ``forward_sm90`` called on it (the kernel itself, whatever the
+dispatcher would choose); API: ``cuflash.attention`` on an H100 must pick this path (recorded by
+wrapping ``forward_sm90``) and give the same answers. Every result is compared with the float64
+reference under FlashAttention's rule (tests/helpers.py), LSE with rtol = atol = 1e-4 and -inf exactly
+on rows with no key; outputs are NaN-poisoned before each call. Only on a compute-capability-9.0 GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cuflash import reference
+
+from .helpers import NP_DTYPES, assert_fa_close, lowp_attention, randn
+
+cupy = pytest.importorskip("cupy")
+
+
+def _sm90_ok() -> bool:
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0 and cupy.cuda.Device(0).compute_capability == "90"
+    except Exception:
+        return False
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _sm90_ok(), reason="needs a compute-capability-9.0 GPU")]
+
+from cuflash import _launch_sm90  # noqa: E402
+
+from .test_gpu_sm80 import _device_array, _poisoned, _to64, make_run  # noqa: E402
+
+DTYPES = ("float16", "bfloat16")
+
+
+def check(dtype, b, sq, sk, h, hk, d, *, causal=False, window=(-1, -1), softmax_scale=None, softcap=0.0,
+          alibi=None, layout="contiguous", seed=None, input_scale=1.0, expect_supported=False):
+    """Run the sm90 forward directly on fresh random inputs and compare with the reference.
+
+    Small shapes are ones the dispatcher sends to the sm80 path (it splits the key range when the grid
+    cannot fill the GPU): the kernel is called directly all the same. ``expect_supported``: also
+    assert that the dispatcher would pick this path."""
+    rng = np.random.default_rng(seed)
+    q = randn(rng, (b, sq, h, d), dtype, input_scale)
+    k = randn(rng, (b, sk, hk, d), dtype, input_scale)
+    v = randn(rng, (b, sk, hk, d), dtype)
+    slopes = None
+    if alibi == "heads":
+        slopes = (rng.random(h) * 0.5).astype(np.float32)
+    elif alibi == "batch_heads":
+        slopes = (rng.random((b, h)) * 0.5).astype(np.float32)
+    opts = dict(causal=causal, softmax_scale=softmax_scale, window_size=window, alibi_slopes=slopes,
+                softcap=softcap)
+    ref, ref_lse = reference.attention(q, k, v, return_lse=True, **opts)
+    base = lowp_attention(q, k, v, dtype, **opts)
+
+    pad = -(-d // 8) * 8 if d % 8 else None
+    bhsd = layout == "bhsd"
+    tq, tk, tv = (_device_array(x, dtype, pad_to=pad, bhsd=bhsd) for x in (q, k, v))
+    out = _poisoned(q.shape, dtype, pad)
+    lse = cupy.full((b, h, sq), np.nan, dtype=cupy.float32)
+    ts = None if slopes is None else cupy.asarray(slopes)
+    run = make_run(tq, tk, tv, out, lse, dtype, causal=causal, window=window, softmax_scale=softmax_scale,
+                   softcap=softcap, alibi=ts)
+    if expect_supported:
+        assert _launch_sm90.supports(run), "the sm90 path must accept these inputs"
+    _launch_sm90.forward_sm90(run)
+    cupy.cuda.get_current_stream().synchronize()
+    got = _to64(out)
+    assert_fa_close(got, ref, base, dtype)
+    got_lse = cupy.asnumpy(lse).astype(np.float64)
+    fin = np.isfinite(ref_lse)
+    assert not np.isnan(got_lse).any(), "lse: NaN (unwritten)"
+    assert (np.isneginf(got_lse) == ~fin).all(), "lse must be -inf exactly on rows with no key"
+    np.testing.assert_allclose(got_lse[fin], ref_lse[fin], rtol=1e-4, atol=1e-4)
+    empty = ~fin
+    if empty.any():
+        assert (got.transpose(0, 2, 1, 3)[empty] == 0).all()
+
+
+SEQLENS = [(1, 1), (113, 203), (239, 1), (128, 128), (129, 1000), (1023, 1023), (200, 4096)]
+HEADDIMS = [32, 59, 64, 80, 96, 128, 160, 192, 224, 256]
+
+
+@pytest.mark.parametrize("d", HEADDIMS)
+@pytest.mark.parametrize("sq,sk", SEQLENS)
+def test_headdims_seqlens(sq, sk, d):
+    check("bfloat16", 2, sq, sk, 2, 2, d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128, 192, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dtypes_causal(dtype, d, causal):
+    check(dtype, 2, 777, 1333, 3, 3, d, causal=causal)
+    check(dtype, 1, 1333, 777, 2, 2, d, causal=causal)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_long_causal_many_tiles(d):
+    """Many key tiles per block: the rings wrap around many times (mbarrier parities)."""
+    check("bfloat16", 1, 4096, 4096, 2, 1, d, causal=True)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_dispatcher_takes_prefill(d):
+    check("bfloat16", 4, 1024, 1024, 2048 // d, 2048 // d, d, causal=True, expect_supported=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("sq,sk,window", [(300, 500, (17, 5)), (500, 300, (64, 0)), (256, 256, (0, 0)),
+                                          (700, 700, (100, -1)), (300, 300, (-1, 33))])
+def test_window(dtype, d, sq, sk, window):
+    check(dtype, 2, sq, sk, 2, 2, d, window=window)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("alibi", ["heads", "batch_heads"])
+def test_alibi(dtype, d, alibi):
+    check(dtype, 2, 300, 411, 3, 3, d, alibi=alibi, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_softcap(dtype, d):
+    check(dtype, 2, 257, 300, 2, 2, d, softcap=20.0, input_scale=3.0)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 2.0])
+def test_softmax_scale(scale):
+    check("bfloat16", 2, 200, 333, 2, 2, 128, softmax_scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("h,hk", [(8, 2), (8, 1), (6, 3)])
+@pytest.mark.parametrize("sq", [130, 517])
+def test_gqa_mqa(dtype, h, hk, sq):
+    check(dtype, 2, sq, 600, h, hk, 128, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128, 160])
+def test_strided_bhsd(dtype, d):
+    check(dtype, 2, 300, 400, 4, 2, d, layout="bhsd")
+
+
+def test_deterministic_and_no_race():
+    """Same inputs, same bits, over several runs (a race would move the result)."""
+    rng = np.random.default_rng()
+    dtype = "bfloat16"
+    q, k, v = (cupy.asarray(randn(rng, (2, 2000, 4, 128), dtype).astype(NP_DTYPES[dtype])) for _ in range(3))
+    outs = []
+    for _ in range(5):
+        out = cupy.full(q.shape, np.nan, q.dtype)
+        lse = cupy.full((2, 4, 2000), np.nan, cupy.float32)
+        run = make_run(q, k, v, out, lse, dtype, causal=True)
+        _launch_sm90.forward_sm90(run)
+        outs.append((cupy.asnumpy(out).view(np.uint16), cupy.asnumpy(lse)))
+    for o, lse in outs[1:]:
+        assert (o == outs[0][0]).all() and (lse == outs[0][1]).all()
+
+
+def test_variants_cover_every_dispatch_choice():
+    names = {n for _, n in _launch_sm90.variants("sm_90a")}
+    for d in range(1, 257):
+        for dtype in DTYPES:
+            assert _launch_sm90.kernel_name(dtype, _launch_sm90.tile_for(d)) in names
+
+
+@pytest.fixture
+def sm90_calls(monkeypatch):
+    calls = []
+    original = _launch_sm90.forward_sm90
+
+    def wrapped(run):
+        calls.append(run.headdim)
+        return original(run)
+
+    monkeypatch.setattr(_launch_sm90, "forward_sm90", wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_api_picks_sm90(sm90_calls, dtype):
+    """On an H100, fp16 / bf16 prefill goes to this path; decoding and dropout go to sm80."""
+    import cuflash
+    from cuflash import _api
+
+    _api.clear_plan_cache()
+    rng = np.random.default_rng()
+    q = randn(rng, (4, 1000, 16, 128), dtype)
+    k = randn(rng, (4, 1100, 4, 128), dtype)
+    v = randn(rng, (4, 1100, 4, 128), dtype)
+    ref, ref_lse = reference.attention(q, k, v, return_lse=True, causal=True)
+    base = lowp_attention(q, k, v, dtype, causal=True)
+    tq, tk, tv = (cupy.asarray(x.astype(NP_DTYPES[dtype])) for x in (q, k, v))
+    for _ in range(4):  # full path, recorded call, then replays (the plan cache re-encodes the maps)
+        out = cupy.full(q.shape, np.nan, NP_DTYPES[dtype])
+        res, lse = cuflash.attention(tq, tk, tv, out=out, causal=True, return_lse=True)
+        assert_fa_close(_to64(res), ref, base, dtype)
+        np.testing.assert_allclose(cupy.asnumpy(lse), ref_lse, rtol=1e-4, atol=1e-4)
+    assert len(sm90_calls) >= 2, "the sm90 path did not run (full-path calls record here; replays do not)"
+    n = len(sm90_calls)
+    dec = cupy.asarray(randn(rng, (4, 1, 16, 128), dtype).astype(NP_DTYPES[dtype]))
+    cuflash.attention(dec, tk, tv)
+    cuflash.attention(tq, tk, tv, dropout_p=0.1, seed=1)
+    assert len(sm90_calls) == n, "decoding and dropout must take the sm80 path"
+
+
+def test_replay_new_pointers(sm90_calls):
+    """Replays with other buffers of the same signature re-encode the tensor maps (fresh pointers)."""
+    import cuflash
+    from cuflash import _api
+
+    _api.clear_plan_cache()
+    rng = np.random.default_rng()
+    dtype = "bfloat16"
+    for _ in range(5):
+        q, k, v = (randn(rng, (4, 1000, 16, 64), dtype) for _ in range(3))
+        ref = reference.attention(q, k, v)
+        base = lowp_attention(q, k, v, dtype)
+        res = cuflash.attention(*(cupy.asarray(x.astype(NP_DTYPES[dtype])) for x in (q, k, v)))
+        assert_fa_close(_to64(res), ref, base, dtype)
+    assert sm90_calls
