@@ -7,6 +7,7 @@ shared memory the host asks for is what the kernel declares.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 HEADDIM_BUCKETS_PORTABLE = (32, 64, 128, 256)
@@ -126,18 +127,76 @@ SM80_FORWARD_TILES_SMALL_SMEM = {
 }
 
 
-def sm80_forward(headdim: int, smem_limit: int | None = None) -> Sm80Tile | None:
+# Dropout variants whose regular tile spills with some NVRTC: the Philox keep bits add registers to a tile
+# already at 255. d160's 128 x 32 tile spilled 8 bytes on sm_90a with NVRTC 13.0 (36 bytes with 1 stage);
+# 64 x 64 with 1 stage (60 KB, the d 192-256 shape) compiles to 214-229 registers, no spills, with NVRTC
+# 13.0 and 13.5 on sm_80 and sm_90a. To measure against the regular tile's speed.
+SM80_FORWARD_TILES_DROPOUT = {
+    160: Sm80Tile(160, 64, 64, 4, 1, False),
+}
+
+
+def sm80_forward(headdim: int, smem_limit: int | None = None, dropout: bool = False) -> Sm80Tile | None:
     """The sm80 forward tile for a head dim (1..256) within a per-block shared-memory limit (bytes);
-    None when no tile fits."""
+    None when no tile fits. ``dropout`` (dropout_p > 0) looks in SM80_FORWARD_TILES_DROPOUT first."""
     d = bucket(headdim, HEADDIM_BUCKETS_SM80)
-    for table in (SM80_FORWARD_TILES, SM80_FORWARD_TILES_SMALL_SMEM):
+    tables = (SM80_FORWARD_TILES_DROPOUT,) if dropout else ()
+    for table in tables + (SM80_FORWARD_TILES, SM80_FORWARD_TILES_SMALL_SMEM):
         tile = table.get(d)
         if tile is not None and (smem_limit is None or tile.smem <= smem_limit):
             return tile
     return None
 
 
-def sm80_forward_tiles() -> list[Sm80Tile]:
-    """Every tile the sm80 forward can pick (for variants(): precompile and compile tests)."""
-    return list(SM80_FORWARD_TILES.values()) + list(SM80_FORWARD_TILES_SMALL_SMEM.values())
+def sm80_forward_tiles(dropout: bool = False, arch: str | None = None) -> list[Sm80Tile]:
+    """Every tile the sm80 forward can pick (for variants(): precompile and compile tests), with or
+    without dropout, on GPUs of ``arch`` (None: on any GPU). Empty below sm_80."""
+    if arch is not None and arch_number(arch) < 80:
+        return []
+    tables = ((SM80_FORWARD_TILES_DROPOUT,) if dropout else ()) + (SM80_FORWARD_TILES, SM80_FORWARD_TILES_SMALL_SMEM)
+    every = [t for table in tables for t in table.values()]
+    return pickable(every, lambda d, limit: sm80_forward(d, limit, dropout), HEADDIM_BUCKETS_SM80, arch)
 # ==== end sm80 tensor-core forward =====================================================================
+
+
+# ==== which tiles an architecture's GPUs can get =========================================================
+# Tile choice depends on the device's per-block shared memory (cudaDevAttrMaxSharedMemoryPerBlockOptin),
+# which is the same for every GPU of these architectures (bytes):
+SMEM_PER_BLOCK_BY_ARCH = {
+    80: 163 * 1024,    # A100, A30
+    86: 99 * 1024,     # RTX 30xx, A10, A40
+    87: 163 * 1024,    # Jetson Orin
+    89: 99 * 1024,     # RTX 40xx, L4, L40
+    90: 227 * 1024,    # H100, H200, H20, GH200
+    100: 227 * 1024,   # B200, GB200
+    120: 99 * 1024,    # RTX 50xx
+}
+
+
+def arch_number(arch: str) -> int:
+    """``sm_90a`` / ``compute_80`` / ``90`` -> 90 / 80 / 90 (0 when there is no number)."""
+    m = re.search(r"(\d+)", str(arch or ""))
+    return int(m.group(1)) if m else 0
+
+
+def smem_limit_of_arch(arch: str) -> int | None:
+    """Per-block shared memory of ``arch``'s GPUs, or None where this table does not know it (also for
+    ``compute_XY``: PTX that the driver compiles for a newer GPU, see ``_compile.arch_for_capability``)."""
+    if str(arch).startswith("compute_"):
+        return None
+    return SMEM_PER_BLOCK_BY_ARCH.get(arch_number(arch))
+
+
+def pickable(tiles, choose, buckets, arch: str | None = None) -> list:
+    """The members of ``tiles`` (in order, once each) that ``choose(bucket, smem_limit)`` returns for some
+    bucket on ``arch``'s GPUs: at its known shared-memory limit, else (arch None or unknown) at any limit.
+    A tile's choice only depends on which tiles fit, so trying every tile's size as the limit (and no
+    limit) covers every GPU."""
+    limit = None if arch is None else smem_limit_of_arch(arch)
+    limits = [limit] if limit is not None else sorted({t.smem for t in tiles}) + [None]
+    chosen = {choose(d, lim) for d in buckets for lim in limits}
+    out = []
+    for t in tiles:
+        if t in chosen and t not in out:
+            out.append(t)
+    return out

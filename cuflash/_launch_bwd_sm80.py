@@ -1,8 +1,8 @@
 """The tensor-core backward for fp16 / bf16 on sm80 and later (``kernels_cu/bwd_sm80.cu``).
 
 ``supports(run)`` says whether a run can take this path (else the portable backward runs),
-``backward_sm80(run)`` launches it, ``variants()`` lists every kernel it can launch (precompile,
-compile tests) and ``plan(run)`` the launch plan (tests, benchmarks).
+``backward_sm80(run)`` launches it, ``variants(arch)`` lists every kernel it can launch on an
+architecture (precompile, compile tests) and ``plan(run)`` the launch plan (tests, benchmarks).
 
 Kernels, in launch order (see the header of ``bwd_sm80.cu``)::
 
@@ -25,10 +25,9 @@ bitwise reproducible on a given GPU (the split count depends on the SM count and
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 
-from . import _launch
+from . import _config, _launch
 from ._launch import CTYPES, Run, launch, ptr
 
 FILE = "bwd_sm80.cu"
@@ -101,23 +100,61 @@ def bucket(headdim: int) -> int:
     raise ValueError(f"cuflash: head dim {headdim} is above the largest sm80 backward bucket (256)")
 
 
-def tile_for(headdim: int, smem_limit: int | None = None) -> Sm80BwdTile | None:
-    """The tile for a head dim (1..256) within a per-block shared-memory limit (bytes), None if none fits."""
+# Dropout-only tiles (the DROPOUT kernel of that bucket and stage count, Sm80BwdTraits<D, STAGES, true>,
+# has this shape) where the regular tile's DROPOUT variant spills with some NVRTC. d 128: (2, 4, 2) spilled
+# 4 bytes (bf16, sm_80, NVRTC 13.0); warp grids (2, 2, 4) have none with NVRTC 13.0 and 13.5 on sm_80 and
+# sm_90a. Same block shape and shared memory; 1216 instead of 1152 ldmatrix per step. To measure.
+TILES_DROPOUT = {
+    128: Sm80BwdTile(128, 64, 128, 2, 2, 4),
+}
+
+
+def kernel_tile(bucket: int, stages: int, dropout: bool = False) -> Sm80BwdTile | None:
+    """The shape of the kernel ``bwd_sm80<T, bucket, stages[, true]>`` (Sm80BwdTraits<bucket, stages, dropout>)."""
+    for table in ((TILES_DROPOUT,) if dropout else ()) + (TILES, TILES_SMALL_SMEM):
+        t = table.get(bucket)
+        if t is not None and t.stages == stages:
+            return t
+    return None
+
+
+def tile_for(headdim: int, smem_limit: int | None = None, dropout: bool = False) -> Sm80BwdTile | None:
+    """The tile for a head dim (1..256) within a per-block shared-memory limit (bytes), None if none fits.
+    ``dropout`` (dropout_p > 0): the tiles of the DROPOUT kernels (TILES_DROPOUT where it has one)."""
     d = bucket(headdim)
-    for table in (TILES, TILES_SMALL_SMEM):
+    for table in ((TILES_DROPOUT,) if dropout else ()) + (TILES, TILES_SMALL_SMEM):
         t = table.get(d)
-        if t is not None and (smem_limit is None or t.smem <= smem_limit):
+        if t is None or kernel_tile(d, t.stages, dropout) != t:  # a regular tile replaced for dropout
+            continue
+        if smem_limit is None or t.smem <= smem_limit:
             return t
     return None
 
 
 def all_tiles() -> list[Sm80BwdTile]:
-    return list(TILES.values()) + list(TILES_SMALL_SMEM.values())
+    """Every tile of the tables (regular, single-stage, dropout-only)."""
+    out = []
+    for t in list(TILES.values()) + list(TILES_SMALL_SMEM.values()) + list(TILES_DROPOUT.values()):
+        if t not in out:
+            out.append(t)
+    return out
+
+
+def tiles(dropout: bool = False, arch: str | None = None) -> list[Sm80BwdTile]:
+    """The tiles the dispatcher can pick without / with dropout on GPUs of ``arch`` (None: on any GPU):
+    by the per-block shared memory of the arch (``_config.SMEM_PER_BLOCK_BY_ARCH``); none below sm_80."""
+    if arch is not None and _config.arch_number(arch) < 80:
+        return []
+    cands = [t for t in all_tiles() if kernel_tile(t.headdim_bucket, t.stages, dropout) == t]
+    return _config.pickable(cands, lambda d, limit: tile_for(d, limit, dropout), HEADDIM_BUCKETS, arch)
 
 
 def kernel_names(dtype: str, tile: Sm80BwdTile, dropout: bool = False) -> dict[str, str]:
     """The three kernels of a run; ``dropout`` (dropout_p > 0) picks the main kernel's DROPOUT variant
     (the template flag defaults to false: the no-dropout names are unchanged)."""
+    if kernel_tile(tile.headdim_bucket, tile.stages, dropout) != tile:
+        raise ValueError(f"cuflash: {tile} is not the shape of the {'DROPOUT ' if dropout else ''}kernel for "
+                         f"head dim {tile.headdim_bucket}, {tile.stages} stage(s)")
     t = CTYPES[dtype]
     drop = ", true" if dropout else ""
     return {
@@ -127,16 +164,19 @@ def kernel_names(dtype: str, tile: Sm80BwdTile, dropout: bool = False) -> dict[s
     }
 
 
-def variants() -> list[tuple[str, str]]:
-    """Every (file, name expression) this path can launch: 2 dtypes x (10 tiles x 2 (dropout or not) + 2) = 44."""
+def variants(arch: str | None = None) -> list[tuple[str, str]]:
+    """Every (file, name expression) this path can launch on GPUs of ``arch`` (e.g. ``"sm_90a"``; None: on
+    any GPU): per dtype the main kernel of each tile ``tiles(dropout, arch)`` without and with dropout,
+    and preprocess and convert. sm_80: 2 x (8 + 8 + 2) = 36 (224 and 256 single-stage), sm_90a: 36
+    (every bucket two-stage), arch None: 2 x (10 + 10 + 2) = 44, 99 KB GPUs (sm86, sm89, sm120): none."""
     out = []
     for dtype in _DTYPES:
-        for tile in all_tiles():
-            out.append((FILE, kernel_names(dtype, tile)["main"]))
-            out.append((FILE, kernel_names(dtype, tile, dropout=True)["main"]))
-        names = kernel_names(dtype, TILES[HEADDIM_BUCKETS[0]])
-        out.append((FILE, names["preprocess"]))
-        out.append((FILE, names["convert"]))
+        for drop in (False, True):
+            out += [(FILE, kernel_names(dtype, t, drop)["main"]) for t in tiles(drop, arch)]
+        if tiles(False, arch):
+            names = kernel_names(dtype, TILES[HEADDIM_BUCKETS[0]])
+            out.append((FILE, names["preprocess"]))
+            out.append((FILE, names["convert"]))
     return out
 
 
@@ -159,9 +199,7 @@ def _num_sms(device_id: int) -> int:
         return 132
 
 
-def _arch_number(arch: str) -> int:
-    m = re.search(r"(\d+)", arch or "")
-    return int(m.group(1)) if m else 0
+_arch_number = _config.arch_number
 
 
 # ---- support ---------------------------------------------------------------------------------------
@@ -170,14 +208,15 @@ from ._launch_sm80 import _rows_16b_aligned  # noqa: E402  (the same 16-byte row
 
 
 def _tile(run: Run) -> Sm80BwdTile | None:
-    return tile_for(run.headdim, _smem_optin(run.device_id))
+    return tile_for(run.headdim, _smem_optin(run.device_id), run.dropout_p > 0)
 
 
 def supports(run: Run) -> bool:
     """True when this path can run ``run`` (else the portable backward must)."""
     if run.dtype not in _DTYPES or _arch_number(run.arch) < 80:
         return False
-    # Dropout: every tile has a spill-free DROPOUT variant (kernel_names(..., dropout=True)).
+    # Dropout: every head dim has a spill-free DROPOUT kernel (kernel_names(..., dropout=True); d 128 takes
+    # its own tile, TILES_DROPOUT).
     if not 1 <= run.headdim <= 256:
         return False
     if min(run.batch, run.seqlen_q, run.seqlen_k, run.nheads, run.nheads_k) < 1:
@@ -283,18 +322,19 @@ def backward_sm80(run: Run, splits: int | None = None, tile: Sm80BwdTile | None 
 def expected_traits_checks() -> list[str]:
     """static_asserts tying the host table to the kernel traits (compiled by the CPU test)."""
     out = []
-    for t in all_tiles():
-        d = t.headdim_bucket
-        tr = f"cuflash::Sm80BwdTraits<{d}, {t.stages}>"
-        out.append(f"static_assert({tr}::kSmemBytes == {t.smem}, \"smem {d}\");")
-        out.append(f"static_assert({tr}::kThreads == {t.threads}, \"threads {d}\");")
-        out.append(f"static_assert({tr}::kBM == {t.block_m} && {tr}::kBN == {t.block_n}, \"tile {d}\");")
-        out.append(f"static_assert({tr}::kWMS == {t.warps_m_s} && {tr}::kWNKV == {t.warps_n_kv} && "
-                   f"{tr}::kWMQ == {t.warps_m_q} && {tr}::kStages == {t.stages}, \"warps {d}\");")
+    for drop in (False, True):
+        for t in tiles(drop):
+            d = t.headdim_bucket
+            tr = f"cuflash::Sm80BwdTraits<{d}, {t.stages}, {'true' if drop else 'false'}>"
+            out.append(f"static_assert({tr}::kSmemBytes == {t.smem}, \"smem {d}\");")
+            out.append(f"static_assert({tr}::kThreads == {t.threads}, \"threads {d}\");")
+            out.append(f"static_assert({tr}::kBM == {t.block_m} && {tr}::kBN == {t.block_n}, \"tile {d}\");")
+            out.append(f"static_assert({tr}::kWMS == {t.warps_m_s} && {tr}::kWNKV == {t.warps_n_kv} && "
+                       f"{tr}::kWMQ == {t.warps_m_q} && {tr}::kStages == {t.stages}, \"warps {d}\");")
     out.append(f"static_assert(cuflash::kBwdSm80Pad == {PAD_ROWS} && cuflash::kBwdSm80Rows == {ROWS_PER_BLOCK} "
                f"&& cuflash::kBwdSm80RowThreads == {ROW_THREADS}, \"row kernels\");")
     return out
 
 
-__all__ = ["supports", "backward_sm80", "variants", "plan", "tile_for", "TILES", "TILES_SMALL_SMEM",
-           "deterministic_splits"]
+__all__ = ["supports", "backward_sm80", "variants", "plan", "tile_for", "tiles", "TILES", "TILES_SMALL_SMEM",
+           "TILES_DROPOUT", "deterministic_splits"]

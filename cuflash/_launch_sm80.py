@@ -2,8 +2,8 @@
 
 ``supports(run)`` says whether a run can take this path (fp16/bf16, sm_80 or newer, headdim <= 256,
 16-byte aligned rows; otherwise the portable path runs), ``forward_sm80(run)`` launches it,
-``variants()`` lists every kernel the dispatcher can pick (precompile, compile tests), and
-``merge_partials`` is the device side of ``merge_attention``.
+``variants(arch)`` lists every kernel the dispatcher can pick on an architecture (precompile, compile
+tests), and ``merge_partials`` is the device side of ``merge_attention``.
 
 Split-KV: when batch x heads x query blocks cannot fill the GPU (decoding: seqlen_q = 1 against
 long keys), each block's key tiles are cut into ``num_splits`` slices run by separate blocks; every
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 
 import numpy as np
 
@@ -50,10 +49,12 @@ def combine_name(dtype: str) -> str:
     return f"cuflash::fwd_combine<{CTYPES[dtype]}>"
 
 
-def variants() -> list[tuple[str, str]]:
-    """Every (file, name expression) this path can launch: each tile with and without dropout."""
+def variants(arch: str | None = None) -> list[tuple[str, str]]:
+    """Every (file, name expression) this path can launch on GPUs of ``arch`` (e.g. ``"sm_90a"``; None:
+    on any GPU): the tiles the dispatcher picks there without and with dropout (``_config``
+    ``sm80_forward_tiles``; none below sm_80), and the combine (also used by merge_attention, on any GPU)."""
     out = [(FWD_FILE, kernel_name(dt, t, drop)) for drop in (False, True) for dt in _DTYPES
-           for t in _config.sm80_forward_tiles()]
+           for t in _config.sm80_forward_tiles(drop, arch)]
     out += [(COMBINE_FILE, combine_name(dt)) for dt in ("float16", "bfloat16", "float32")]
     return out
 
@@ -76,9 +77,7 @@ def smem_per_block_optin(device_id: int) -> int:
     return _device_attr(device_id, "cudaDevAttrMaxSharedMemoryPerBlockOptin")
 
 
-def _arch_number(arch: str) -> int:
-    m = re.search(r"(\d+)", arch or "")
-    return int(m.group(1)) if m else 0
+_arch_number = _config.arch_number
 
 
 # ---- support ---------------------------------------------------------------------------------------
@@ -107,7 +106,7 @@ def _tile(run) -> _config.Sm80Tile | None:
         limit = smem_per_block_optin(run.device_id)
     except Exception:  # no device query possible: assume the sm80 limit
         limit = 163 * 1024
-    return _config.sm80_forward(run.headdim, limit)
+    return _config.sm80_forward(run.headdim, limit, run.dropout_p > 0)
 
 
 def supports(run) -> bool:
@@ -116,8 +115,8 @@ def supports(run) -> bool:
         return False
     if not 1 <= run.headdim <= 256:
         return False
-    # Dropout: every tile has a spill-free DROPOUT variant (kernel_name(..., dropout=True)), so no
-    # restriction here.
+    # Dropout: every head dim has a spill-free DROPOUT variant (kernel_name(..., dropout=True); d 160 takes
+    # its own tile, _config.SM80_FORWARD_TILES_DROPOUT), so no restriction here.
     if min(run.batch, run.seqlen_q, run.seqlen_k, run.nheads, run.nheads_k) < 1:
         return False
     if run.batch > _GRID_YZ_MAX or run.nheads > _GRID_YZ_MAX:

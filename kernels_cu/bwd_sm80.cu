@@ -46,6 +46,8 @@
 // where dropped (P >= 0, so the sign bit is free). The dS step reads its P back, takes |P| for
 // dS = P (Z r dP - D) (the undropped P; dropped pairs get -P D), and rewrites its P entries with the
 // dropped ones zeroed: the dV GEMM then sums P Z dO, and r is applied to dV once in the epilogue.
+// The DROPOUT kernels use Sm80BwdTraits<D, STAGES, true>: the regular shape, or a dropout-only one where
+// that spills (traits_bwd_sm80.cuh).
 #include "bwd_common.cuh"
 #include "mma.cuh"
 #include "traits_bwd_sm80.cuh"
@@ -203,10 +205,10 @@ template <bool B> struct BoolC { static constexpr bool value = B; };
 }
 
 template <typename T, int D, int STAGES, bool DROPOUT = false>
-__global__ void __launch_bounds__(Sm80BwdTraits<D, STAGES>::kThreads, 1)
+__global__ void __launch_bounds__(Sm80BwdTraits<D, STAGES, DROPOUT>::kThreads, 1)
 bwd_sm80(const Params p) {
     using namespace sm80bwd;
-    using Tr = Sm80BwdTraits<D, STAGES>;
+    using Tr = Sm80BwdTraits<D, STAGES, DROPOUT>;
     constexpr int BM = Tr::kBM, BN = Tr::kBN, NT = Tr::kThreads, ST = Tr::kStages;
     constexpr int MTS = Tr::kMTS, NTS = Tr::kNTS, MTKV = Tr::kMTKV, SKV = Tr::kSKV, MTQ = Tr::kMTQ, SQ = Tr::kSQ;
     extern __shared__ __align__(1024) unsigned char smem[];

@@ -92,9 +92,11 @@ struct Sm80BwdShape {
 // the two agree). "to measure": FlashAttention-2's H100 choices where they exist. STAGES = 1 variants
 // (Q / dO single-buffered, 48-64 KB less) are for GPUs whose per-block shared memory cannot hold the
 // 2-stage tile (A100: 163 KB).
+// DROPOUT = true (the bwd_sm80<..., true> kernels) takes the same shape unless specialised at the end.
 // smem: kSmemBytes; regs: kAccRegs (dK + dV + the larger of one score tile and the dQ tile).
 //                                             D   BM   BN WM_S WN_KV WM_Q stages   smem    regs
-template <int D, int STAGES = 2> struct Sm80BwdTraits;
+template <int D, int STAGES = 2, bool DROPOUT = false> struct Sm80BwdTraits;
+template <int D, int STAGES> struct Sm80BwdTraits<D, STAGES, true> : Sm80BwdTraits<D, STAGES, false> {};
 template <> struct Sm80BwdTraits<32, 2>  : Sm80BwdShape<32, 128, 128, 4, 4, 4, 2> {};   // 114 KB   96
 template <> struct Sm80BwdTraits<64, 2>  : Sm80BwdShape<64, 128, 128, 4, 4, 4, 2> {};   // 162 KB  128
 template <> struct Sm80BwdTraits<96, 2>  : Sm80BwdShape<96, 64, 128, 2, 4, 4, 2> {};    // 129 KB  128
@@ -105,6 +107,11 @@ template <> struct Sm80BwdTraits<224, 2> : Sm80BwdShape<224, 64, 64, 4, 4, 4, 2>
 template <> struct Sm80BwdTraits<256, 2> : Sm80BwdShape<256, 64, 64, 4, 2, 2, 2> {};    // 209 KB  192
 template <> struct Sm80BwdTraits<224, 1> : Sm80BwdShape<224, 64, 64, 4, 4, 4, 1> {};    // 128 KB  168
 template <> struct Sm80BwdTraits<256, 1> : Sm80BwdShape<256, 64, 64, 4, 2, 2, 1> {};    // 145 KB  192
+// Dropout-only shapes (_launch_bwd_sm80.TILES_DROPOUT) where the regular one spills next to the Philox
+// keep bits: d 128 with (WM_S, WN_KV, WM_Q) = (2, 4, 2) spilled 4 bytes (bf16, sm_80, NVRTC 13.0); (2, 2, 4)
+// (warp grids 2x4, 2x4, 4x2) has none with NVRTC 13.0 and 13.5 on sm_80 and sm_90a. Same block shape and
+// shared memory; the dQ GEMM reads 64 more ldmatrix per step (1216 instead of 1152).
+template <> struct Sm80BwdTraits<128, 2, true> : Sm80BwdShape<128, 64, 128, 2, 2, 4, 2> {};   // 161 KB  160
 
 namespace sm80bwd {
 

@@ -39,7 +39,13 @@ def _compile_one(job):
     return job, c.resources[n], str(c.cubin_path)
 
 
+def arch_jobs(variants, archs=ARCHS):
+    """[(arch, file, name)]: ``variants`` is a list (the same on every arch) or a function of the arch
+    (e.g. ``_launch_sm80.variants``: what the dispatcher can pick there)."""
+    return [(arch, f, n) for arch in archs for f, n in (variants(arch) if callable(variants) else variants)]
+
+
 def compile_variants(variants, archs=ARCHS):
-    """{(arch, file, name): (resources, cubin path)} for every variant and arch, compiled in a pool."""
-    jobs = [(arch, f, n) for arch in archs for f, n in variants]
-    return {job: (res, path) for job, res, path in pool_map(_compile_one, jobs)}
+    """{(arch, file, name): (resources, cubin path)} for every variant of every arch (``variants`` as in
+    ``arch_jobs``), compiled in a pool."""
+    return {job: (res, path) for job, res, path in pool_map(_compile_one, arch_jobs(variants, archs))}

@@ -20,7 +20,7 @@ def one(v):
     except Exception as e:
         return f"{v}: {str(e)[:300]}"
 with ProcessPoolExecutor(16) as ex:
-    res = list(ex.map(one, all_variants()))
+    res = list(ex.map(one, all_variants(arch)))
 for r in res:
     if r: print("COMPILE FAILED", r)
 print(f"precompiled {len(res)} variants for {arch}")

@@ -2,8 +2,8 @@
 
 No GPU needed.
 
-* Compilation: every variant ``_launch_bwd_sm80.variants()`` lists compiles for sm_80 and sm_90a with no
-  spills and no stack frame, at most 255 registers, no static shared memory; the host's tile table
+* Compilation: every variant ``_launch_bwd_sm80.variants(arch)`` lists (what the dispatcher can pick on
+  that architecture's GPUs) compiles for sm_80 and sm_90a with no spills and no stack frame, at most 255 registers, no static shared memory; the host's tile table
   equals the kernel traits (static_asserts compiled by NVRTC) and fits the 227 KB per-block limit.
 * SASS (where a cuobjdump, or a ptxas + cuobjdump pair, can read the code): tensor-core MMA, ldmatrix
   (plain and .trans), cp.async, vector fp32 reductions on sm90, 128-bit stores, no local memory.
@@ -44,7 +44,7 @@ SMEM_LIMIT = 227 * 1024
 
 @pytest.fixture(scope="module")
 def compiled():
-    return compile_variants(L.variants())
+    return compile_variants(L.variants)  # each arch: what the dispatcher can pick there
 
 
 def test_variant_list():
@@ -62,18 +62,52 @@ def test_variant_list():
         for d in L.TILES_SMALL_SMEM:
             assert f"cuflash::bwd_sm80<{ct}, {d}, 1>" in names
             assert f"cuflash::bwd_sm80<{ct}, {d}, 1, true>" in names
+    # d 128 with dropout: its own warp grids (the regular tile's DROPOUT variant spilled with NVRTC 13.0),
+    # under the regular kernel name with ", true"; the regular tile is never used with dropout
+    t128 = L.TILES_DROPOUT[128]
+    assert L.tile_for(128, None, dropout=True) == t128 != L.tile_for(128)
+    assert t128 in L.tiles(True) and L.TILES[128] not in L.tiles(True) and t128 not in L.tiles(False)
+    assert L.kernel_names("bfloat16", t128, dropout=True)["main"] == "cuflash::bwd_sm80<cuflash::bf16_t, 128, 2, true>"
+    for tile, drop in ((t128, False), (L.TILES[128], True)):
+        with pytest.raises(ValueError):
+            L.kernel_names("bfloat16", tile, drop)
+
+
+def test_variant_lists_per_arch():
+    """variants(arch) lists exactly what the dispatcher can pick on that arch's GPUs; None is the union."""
+    from cuflash import _config
+
+    union = set()
+    archs = [(f"sm_{n}", lim) for n, lim in _config.SMEM_PER_BLOCK_BY_ARCH.items()] + [("sm_90a", SMEM_LIMIT)]
+    for arch, limit in archs:
+        v = L.variants(arch)
+        assert len(v) == len(set(v))
+        picked = {L.kernel_names(dt, L.tile_for(hd, limit, drop), drop)["main"]
+                  for hd in range(1, 257) for dt in L._DTYPES for drop in (False, True) if L.tile_for(hd, limit)}
+        if picked:
+            picked |= {L.kernel_names(dt, L.TILES[32])[k] for dt in L._DTYPES for k in ("preprocess", "convert")}
+        assert {n for _, n in v} == picked, arch
+        union |= set(v)
+    assert union == set(L.variants()) == set(L.variants("compute_90"))
+    assert L.variants("sm_75") == [] and L.variants("sm_86") == []   # 99 KB GPUs: the portable backward
+    assert len(L.variants("sm_80")) == len(L.variants("sm_90a")) == 36
+    single = {f"cuflash::bwd_sm80<{ct}, {d}, 1{x}>" for ct in ("cuflash::half_t", "cuflash::bf16_t")
+              for d in (224, 256) for x in ("", ", true")}
+    assert single <= {n for _, n in L.variants("sm_80")}                # A100: single-stage 224 and 256
+    assert not single & {n for _, n in L.variants("sm_90a")}            # never picked on an H100
 
 
 def test_every_headdim_has_a_tile():
     names = [n for _, n in L.variants()]
     for hd in range(1, 257):
         for limit in (None, 227 * 1024, 163 * 1024):
-            t = L.tile_for(hd, limit)
-            assert t is not None and t.headdim_bucket >= hd and t.headdim_bucket - hd < 32, (hd, limit)
-            assert limit is None or t.smem <= limit
-            assert L.kernel_names("bfloat16", t)["main"] in names
-            assert L.kernel_names("bfloat16", t, dropout=True)["main"] in names
-        assert L.tile_for(hd, 227 * 1024).stages == 2
+            for drop in (False, True):
+                t = L.tile_for(hd, limit, drop)
+                assert t is not None and t.headdim_bucket >= hd and t.headdim_bucket - hd < 32, (hd, limit)
+                assert limit is None or t.smem <= limit
+                assert L.kernel_names("bfloat16", t, drop)["main"] in names
+                assert t in L.tiles(drop)
+        assert L.tile_for(hd, 227 * 1024).stages == 2 and L.tile_for(hd, 227 * 1024, True).stages == 2
     assert L.tile_for(256, 163 * 1024).stages == 1 and L.tile_for(128, 163 * 1024).stages == 2
     assert L.tile_for(64, 99 * 1024) is None  # sm86 / sm89: the portable path
     with pytest.raises(ValueError):
@@ -82,7 +116,7 @@ def test_every_headdim_has_a_tile():
 
 @needs_nvrtc
 def test_no_spills_no_stack(compiled):
-    assert len(compiled) == len(ARCHS) * len(L.variants())
+    assert len(compiled) == sum(len(L.variants(a)) for a in ARCHS)
     bad = {job: r for job, (r, _) in compiled.items()
            if not r or r["spill_stores"] or r["spill_loads"] or r["stack"] or r["registers"] > 255}
     assert not bad, f"variants with spills / stack / > 255 registers: {bad}"
@@ -176,7 +210,7 @@ def test_sass_uses_tensor_core_paths(compiled, arch):
             assert "HMMA.16816.F32.BF16" in sass, (arch, n)
         assert not re.search(r"\b(LDL|STL)\b", sass), (arch, n, "local memory")
         checked += 1
-    assert checked == 2 * len(L.all_tiles())
+    assert checked == sum("bwd_sm80<" in n for _, n in L.variants(arch))
 
 
 # ==== support and plan (no device needed) ===================================================================
@@ -217,6 +251,9 @@ def test_supports_rules(monkeypatch):
     assert L.supports(_fake_run(dropout_p=0.1))                          # the DROPOUT variants
     assert L.plan(_fake_run(dropout_p=0.1))["names"]["main"] == "cuflash::bwd_sm80<cuflash::bf16_t, 64, 2, true>"
     assert L.plan(_fake_run())["names"]["main"] == "cuflash::bwd_sm80<cuflash::bf16_t, 64, 2>"
+    pl = L.plan(_fake_run(shape=(1, 10, 10, 2, 2, 128), dropout_p=0.1))   # d 128: the dropout-only tile
+    assert pl["tile"] == L.TILES_DROPOUT[128] and pl["names"]["main"] == "cuflash::bwd_sm80<cuflash::bf16_t, 128, 2, true>"
+    assert L.plan(_fake_run(shape=(1, 10, 10, 2, 2, 128)))["tile"] == L.TILES[128]
     assert not L.supports(_fake_run(shape=(1, 10, 10, 2, 2, 59)))        # rows not 16-byte aligned
     assert L.supports(_fake_run(shape=(1, 10, 10, 2, 2, 59), pad=64))    # padded rows are
     r = _fake_run()
@@ -465,9 +502,11 @@ def _load_tile_plan(R, C, NT, nvalid, headdim):
     return seen
 
 
-@pytest.mark.parametrize("d", L.HEADDIM_BUCKETS)
-def test_fragment_index_math_emulated(d):
-    sh = _Shape(L.TILES[d])
+@pytest.mark.parametrize("tile", [L.TILES[d] for d in L.HEADDIM_BUCKETS] + list(L.TILES_DROPOUT.values()),
+                         ids=lambda t: f"d{t.headdim_bucket}-{t.warps_m_s}{t.warps_n_kv}{t.warps_m_q}")
+def test_fragment_index_math_emulated(tile):
+    d = tile.headdim_bucket
+    sh = _Shape(tile)
     BM, BN, D = sh.BM, sh.BN, sh.D
     rng = np.random.default_rng(d)
     mats = {n: rng.integers(-3, 4, shape).astype(float) for n, shape in

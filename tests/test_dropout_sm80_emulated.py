@@ -102,7 +102,7 @@ def _fwd_dropped(tile, p, b, hy, pack, sq, m0, k0):
     return dropped
 
 
-FWD_TILES = sorted(set(_config.sm80_forward_tiles()), key=lambda t: (t.headdim_bucket, t.block_n))
+FWD_TILES = sorted(set(_config.sm80_forward_tiles(dropout=True)), key=lambda t: (t.headdim_bucket, t.block_n))
 
 
 @pytest.mark.parametrize("tile", FWD_TILES, ids=lambda t: f"d{t.headdim_bucket}-{t.block_m}x{t.block_n}")
@@ -156,7 +156,8 @@ def _bwd_tile_bits(tile, p, b, h, m0, n0):
     return out
 
 
-@pytest.mark.parametrize("tile", B.all_tiles(), ids=lambda t: f"d{t.headdim_bucket}-st{t.stages}")
+@pytest.mark.parametrize("tile", B.tiles(dropout=True),
+                         ids=lambda t: f"d{t.headdim_bucket}-st{t.stages}-w{t.warps_m_s}{t.warps_n_kv}{t.warps_m_q}")
 def test_backward_fragment_mask_equals_reference(tile):
     seed, offset, p = 99, (1 << 32) + 17, 0.17
     B_, H, sq, sk = 2, 3, 2 * tile.block_m + 5, 3 * tile.block_n

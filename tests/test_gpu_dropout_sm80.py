@@ -101,7 +101,7 @@ MASK_CASES = [
     (7, (2, 2, 2, 64, 64), 0.9),            # 64
     (11, (1, 3, 3, 130, 96), 0.3),          # 96
     (2**40 + 3, (1, 4, 4, 129, 120), 0.3),  # 128
-    (5, (1, 2, 2, 77, 160), 0.2),           # 160 (128 x 32 tile)
+    (5, (1, 2, 2, 77, 160), 0.2),           # 160 (the 64 x 64 dropout-only tile)
     (6, (2, 2, 2, 65, 185), 0.25),          # 192 (64 x 64 tile)
     (2**63 + 12345, (1, 2, 2, 70, 200), 0.3),  # 224; seed with a high word (Philox key word 1)
     (12345, (2, 3, 3, 300, 256), 0.1),      # 256
@@ -228,6 +228,46 @@ def test_sm80_forward_small_smem_tile(caplog, monkeypatch):
     small = _config.SM80_FORWARD_TILES_SMALL_SMEM[128]
     monkeypatch.setattr(_launch_sm80, "_tile", lambda run: small)
     forward_case(caplog, "float16", 2, 150, 333, 4, 2, 128, seed=31, causal=True)
+
+
+# ---- the dropout-only tiles (_config.SM80_FORWARD_TILES_DROPOUT, _launch_bwd_sm80.TILES_DROPOUT) ----------
+
+def _launched(caplog) -> list[str]:
+    """The kernels launched in the last on_sm80 block (the DEBUG launch lines)."""
+    return [m for m in (r.getMessage() for r in caplog.records) if m.startswith("cuflash: launch ")]
+
+
+class _Run:
+    """What the tile choices read of a run."""
+
+    def __init__(self, headdim, dropout_p=P):
+        self.headdim, self.dropout_p, self.device_id = headdim, dropout_p, 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d,opts", [(160, {}), (150, dict(causal=True)), (160, dict(window_size=(20, 3), softcap=10.0))],
+                         ids=["d160", "d150-causal", "d160-window-softcap"])
+def test_sm80_forward_dropout_only_tile(caplog, dtype, d, opts):
+    """d 160 with dropout runs the 64 x 64 tile (the regular 128 x 32 tile's DROPOUT variant spilled on sm_90a
+    with NVRTC 13.0): it is the launched kernel, and matches the reference with the same mask."""
+    tile = _config.SM80_FORWARD_TILES_DROPOUT[160]
+    assert _launch_sm80._tile(_Run(d)) == tile
+    forward_case(caplog, dtype, 2, 200, 203, 4, 2, d, seed=160 + d, **opts)
+    name = _launch_sm80.kernel_name(dtype, tile, dropout=True)
+    assert any(name in m for m in _launched(caplog)), _launched(caplog)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("opts", list(OPTS))
+def test_sm80_dropout_backward_dropout_only_tile(caplog, opts, deterministic):
+    """bf16 d 128 with dropout runs the backward's dropout-only warp grids (TILES_DROPOUT[128]: the regular
+    tile's DROPOUT variant spilled on sm_80 with NVRTC 13.0); GQA 6-2, gradients against the reference."""
+    tile = _launch_bwd_sm80.TILES_DROPOUT[128]
+    assert _launch_bwd_sm80._tile(_Run(128)) == tile
+    grad_case(caplog, "bfloat16", 2, 257, 203, 6, 2, 128, seed=SEEDS[int(deterministic)] + 128, data_seed=128,
+              deterministic=deterministic, **OPTS[opts])
+    name = _launch_bwd_sm80.kernel_names("bfloat16", tile, dropout=True)["main"]
+    assert any(name in m for m in _launched(caplog)), _launched(caplog)
 
 
 @pytest.mark.parametrize("p", [0.5, 0.9])

@@ -300,14 +300,19 @@ def test_supports_rejects_unaligned_and_other_dtypes():
 
 
 def test_variants_cover_every_dispatch_choice():
+    from cuflash import _compile
+
     names = {n for _, n in _launch_sm80.variants()}
+    here = {n for _, n in _launch_sm80.variants(_compile.device_arch(0))}   # this GPU's architecture
     for d in range(1, 257):
         for dtype in DTYPES:
-            for limit in (None, 99 * 1024, 163 * 1024, 227 * 1024):
-                tile = _launch_sm80._config.sm80_forward(d, limit)
-                assert tile is not None
-                assert _launch_sm80.kernel_name(dtype, tile) in names
-                assert _launch_sm80.kernel_name(dtype, tile, dropout=True) in names
+            for drop in (False, True):
+                for limit in (None, 99 * 1024, 163 * 1024, 227 * 1024):
+                    tile = _launch_sm80._config.sm80_forward(d, limit, drop)
+                    assert tile is not None
+                    assert _launch_sm80.kernel_name(dtype, tile, drop) in names
+                tile = _launch_sm80._config.sm80_forward(d, _launch_sm80.smem_per_block_optin(0), drop)
+                assert _launch_sm80.kernel_name(dtype, tile, drop) in here
 
 
 # ---- through the public API, forward pinned to this path ----------------------------------------
