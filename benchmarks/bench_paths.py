@@ -53,11 +53,14 @@ def main(argv=None) -> int:
     variants = {}
     if args.variants:
         variants = {
-            "sm90-pp": {d: replace(t, pingpong=True) for d, t in tiles0.items()},
-            "sm90-noovl": {d: replace(t, overlap=False) for d, t in tiles0.items()},
-            "sm90-pp-noovl": {d: replace(t, overlap=False, pingpong=True) for d, t in tiles0.items()},
-            "sm90-s3": {64: replace(tiles0[64], stages=4), 128: replace(tiles0[128], stages=3),
-                        256: replace(tiles0[256], block_n=80)},
+            "sm90-batched": {d: replace(t, sched=2) for d, t in tiles0.items()},
+            "sm90-overlap": {d: replace(t, sched=1) for d, t in tiles0.items()},
+            "sm90-nopp": {d: replace(t, pingpong=False) for d, t in tiles0.items()},
+            "sm90-bigN": {64: replace(tiles0[64], block_n=192, stages=2), 128: replace(tiles0[128], block_n=176),
+                          256: replace(tiles0[256], block_n=64)},
+            "sm90-bigN-b": {64: replace(tiles0[64], block_n=192, stages=2, sched=2),
+                            128: replace(tiles0[128], block_n=176, sched=2),
+                            256: replace(tiles0[256], block_n=64, sched=2)},
         }
     rows = []
     for hd in parse_sizes(args.headdims):

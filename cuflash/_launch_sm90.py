@@ -28,8 +28,8 @@ class Sm90Tile:
     headdim_bucket: int
     block_n: int
     stages: int
-    pingpong: bool = False   # consumers take turns issuing MMAs (named barriers)
-    overlap: bool = True     # softmax of S(j) beside O += P(j-1) V(j-1) in the same warpgroup
+    pingpong: bool = True    # consumers take turns issuing MMAs (named barriers)
+    sched: int = 2           # consumer order per tile: 0 serial, 1 overlap, 2 batched (fwd_sm90.cu kSched*)
 
     @property
     def smem(self) -> int:
@@ -38,14 +38,18 @@ class Sm90Tile:
 
 
 # One tile per head-dim bucket (head dims pad up to the bucket inside the kernel: TMA zero-fills).
-# Registers per consumer thread (240 with setmaxnreg): O takes D / 2, the score tile BN / 2, the
-# previous tile's P BN / 4; shared memory 227 KB at most. First choices, to be measured
-# (benchmarks/NOTES.md, "Hopper forward").
+# Registers per consumer thread (240 with setmaxnreg): O takes D / 2, the score tile BN / 2, P BN / 4;
+# shared memory 227 KB at most. Measured on the H100 (bf16, 16k tokens, hidden 2048, TFLOP/s at
+# seqlen 4k / 16k non-causal; benchmarks/NOTES.md "Hopper forward" has every variant):
+#   d64:  BN 128, 3 stages, ping-pong, batched: 423 / 437 (serial order 394 / 429; BN 192: 404 / 407)
+#   d128: BN 128, 2 stages, ping-pong, batched: 580 / 662 (serial 559 / 605; BN 176: 581 / 513)
+#   d256: BN 80, 2 stages, ping-pong, batched: 638 / 604 (serial 604 / 633; BN 64: 624 / 600)
+#   d192: not measured (BN 96 fits the same registers and 193 KB).
 SM90_FORWARD_TILES = {
     64: Sm90Tile(64, 128, 3),     # 113 KB
     128: Sm90Tile(128, 128, 2),   # 161 KB
     192: Sm90Tile(192, 96, 2),    # 193 KB
-    256: Sm90Tile(256, 64, 2),    # 193 KB
+    256: Sm90Tile(256, 80, 2),    # 225 KB
 }
 HEADDIM_BUCKETS_SM90 = tuple(sorted(SM90_FORWARD_TILES))
 
@@ -59,8 +63,8 @@ def tile_for(headdim: int) -> Sm90Tile:
 
 def kernel_name(dtype: str, tile: Sm90Tile) -> str:
     pp = "true" if tile.pingpong else "false"
-    ov = "" if tile.overlap else ", false"
-    return f"cuflash::fwd_sm90<{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.block_n}, {tile.stages}, {pp}{ov}>"
+    return (f"cuflash::fwd_sm90<{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.block_n}, {tile.stages}, {pp}, "
+            f"{tile.sched}>")
 
 
 def variants(arch: str | None = None) -> list[tuple[str, str]]:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 
-def all_variants() -> list[tuple[str, str]]:
-    """Every (file, name expression) the dispatcher can pick, over all paths."""
+def all_variants(arch: str | None = None) -> list[tuple[str, str]]:
+    """Every (file, name expression) the dispatcher can pick on GPUs of ``arch`` (e.g. ``"sm_90a"``), over
+    all paths; None: on any GPU (the union over architectures)."""
     from . import _config
     from ._launch_bwd import backward_portable_variants
     from ._launch_bwd_sm80 import variants as bwd_sm80_variants
     from ._launch_sm80 import variants as sm80_variants
+    from ._launch_sm90 import variants as sm90_variants
 
-    return (list(_config.portable_forward_variants()) + backward_portable_variants() + sm80_variants()
-            + bwd_sm80_variants())
+    return (list(_config.portable_forward_variants()) + backward_portable_variants() + sm80_variants(arch)
+            + bwd_sm80_variants(arch) + sm90_variants(arch))
 
 
 def precompile(archs=None, *, dtypes=None, progress=True, files=None) -> int:
-    """Compile every kernel variant into the on-disk cache; returns how many variants.
+    """Compile every kernel variant each architecture's GPUs can use into the on-disk cache; returns how
+    many (architecture, variant) pairs.
 
     Parameters
     ----------
@@ -38,12 +41,8 @@ def precompile(archs=None, *, dtypes=None, progress=True, files=None) -> int:
             archs = (_compile.device_arch(cupy.cuda.runtime.getDevice()),)
         except Exception:
             archs = ("sm_80", "sm_90a")
-    variants = all_variants()
-    if dtypes:
-        variants = [v for v in variants if any(d in v[1] for d in dtypes)]
-    if files:
-        variants = [v for v in variants if v[0] in files]
-    jobs = [(a, f, n) for a in archs for f, n in variants]
+    jobs = [(a, f, n) for a in archs for f, n in all_variants(a)
+            if (not dtypes or any(d in n for d in dtypes)) and (not files or f in files)]
     it = jobs
     if progress:
         from tqdm import tqdm

@@ -11,8 +11,8 @@
 //   * Two consumers (warpgroups 1 and 2, 240 registers each), 64 query rows each. Per key tile j:
 //       S(j) = Q K(j)^T   wgmma, A = Q and B = K from shared memory (K-major, 128-byte swizzle),
 //       O += P(j-1) V(j-1) issued right behind it: P from registers as the A operand, V N-major,
-//       then the softmax of S(j) runs while P(j-1) V(j-1) is still in the tensor cores (intra-warpgroup
-//       overlap); O is rescaled once that MMA has retired.
+//       then the softmax of S(j) (SCHED picks the order and waits, see kSched*); O is rescaled by the
+//       new row maxima once P(j-1) V(j-1) has retired.
 //     PINGPONG: the two consumers take turns issuing their MMAs (named barriers 1 and 2), so that one
 //     warpgroup's softmax overlaps the other's MMAs.
 //   * Shared memory: Q (128 x D) and the K / V slots (BN x D), each stored as D / 64 column blocks of
@@ -56,11 +56,15 @@ struct Sm90FwdTraits {
 };
 
 constexpr int kBarPingPong = 1;  // named barriers 1, 2: consumer turns
+// Consumer schedules (SCHED), for one key tile j of the steady state:
+constexpr int kSchedSerial = 0;   // O += P(j-1) V(j-1); wait; S(j) = Q K(j)^T; wait; softmax(j)
+constexpr int kSchedOverlap = 1;  // S(j), O += P(j-1) V(j-1); wait S(j); softmax(j) beside P V; wait
+constexpr int kSchedBatched = 2;  // O += P(j-1) V(j-1), S(j) in one commit group; wait; softmax(j)
 constexpr int kBarEpilogue = 3;  // named barriers 3, 4: one per consumer warpgroup
 
 }  // namespace sm90
 
-template <typename T, int D, int BN, int STAGES, bool PINGPONG, bool OVERLAP = true>
+template <typename T, int D, int BN, int STAGES, bool PINGPONG, int SCHED>
 __global__ void __launch_bounds__(384, 1)
 fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps maps) {
     using namespace sm90;
@@ -267,6 +271,19 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
             pa[ks][3] = pack2<T>(sacc[8 * ks + 6], sacc[8 * ks + 7]);
         }
     };
+    // O *= corr per row, skipped when no row of the warp found a new maximum (corr is exactly 1 then:
+    // after the first tiles most do not; D / 2 multiplies saved, a quarter of the softmax's work at D = 256).
+    auto rescale_o = [&](const float (&corr)[2]) {
+        if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+            for (int nt = 0; nt < D / 8; ++nt) {
+                o[4 * nt + 0] *= corr[0];
+                o[4 * nt + 1] *= corr[0];
+                o[4 * nt + 2] *= corr[1];
+                o[4 * nt + 3] *= corr[1];
+            }
+        }
+    };
     auto release = [&](u32 bar) {  // this warp is done reading a slot
         __syncwarp();
         if (lane == 0) mbar_arrive(bar);
@@ -298,9 +315,9 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
             release(k_empty(0));
             softmax(sacc, 0, pf, corr);  // O is still 0: no rescale
         }
-        if constexpr (!OVERLAP) {
-            // Plain order (for measuring the overlap): O += P(it-1) V(it-1) retires before S(it) is
-            // issued, so the softmax never runs beside an MMA of its own warpgroup.
+        if constexpr (SCHED == kSchedSerial) {
+            // O += P(it-1) V(it-1) retires before S(it) is issued; the softmax never runs beside an MMA
+            // of its own warpgroup.
             for (int it = 1; it < n_iter; ++it) {
                 const int s = it % STAGES, sp = (it - 1) % STAGES;
                 float sacc[BN / 2];
@@ -323,16 +340,35 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                 fence_regs<BN / 2>(sacc);
                 release(k_empty(s));
                 softmax(sacc, it, pf, corr);
-#pragma unroll
-                for (int nt = 0; nt < D / 8; ++nt) {
-                    o[4 * nt + 0] *= corr[0];
-                    o[4 * nt + 1] *= corr[0];
-                    o[4 * nt + 2] *= corr[1];
-                    o[4 * nt + 3] *= corr[1];
-                }
+                rescale_o(corr);
+            }
+        } else if constexpr (SCHED == kSchedBatched) {
+            // Both MMAs issued back to back (one turn keeps the tensor cores busy for both), then one
+            // wait, then the softmax (beside the other warpgroup's MMAs when PINGPONG).
+            for (int it = 1; it < n_iter; ++it) {
+                const int s = it % STAGES, sp = (it - 1) % STAGES;
+                float sacc[BN / 2];
+                float corr[2];
+                mbar_wait(v_full(sp), ((it - 1) / STAGES) & 1);
+                mbar_wait(k_full(s), (it / STAGES) & 1);
+                turn_begin();
+                wgmma_fence();
+                issue_pv(pf, sp);
+                issue_qk(sacc, s);
+                wgmma_commit();
+                turn_end(false);
+                wgmma_wait<0>();
+                fence_regs<BN / 2>(sacc);
+                fence_regs<D / 2>(o);
+                fence_regs<kPS * 4>(&pf[0][0]);
+                release(v_empty(sp));
+                release(k_empty(s));
+                softmax(sacc, it, pf, corr);
+                rescale_o(corr);
             }
         } else {
-            // Steady state: S(it) issued, then O += P(it-1) V(it-1); the softmax of S(it) overlaps the latter.
+            // kSchedOverlap: S(it) issued, then O += P(it-1) V(it-1); the softmax of S(it) runs while the
+            // latter is still in the tensor cores.
             for (int it = 1; it < n_iter; ++it) {
                 const int s = it % STAGES, sp = (it - 1) % STAGES;
                 float sacc[BN / 2];
@@ -355,13 +391,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                 fence_regs<D / 2>(o);
                 fence_regs<kPS * 4>(&pf[0][0]);
                 release(v_empty(sp));
-#pragma unroll
-                for (int nt = 0; nt < D / 8; ++nt) {
-                    o[4 * nt + 0] *= corr[0];
-                    o[4 * nt + 1] *= corr[0];
-                    o[4 * nt + 2] *= corr[1];
-                    o[4 * nt + 3] *= corr[1];
-                }
+                rescale_o(corr);
 #pragma unroll
                 for (int ks = 0; ks < kPS; ++ks)
 #pragma unroll
