@@ -84,10 +84,10 @@ def make_run(q, k, v, out, lse, dtype, *, causal=False, window=(-1, -1), softmax
                        num_splits=num_splits, empty=lambda shape, dt: cupy.empty(shape, dtype=NP_DTYPES.get(dt, dt)))
 
 
-def check(dtype, b, sq, sk, h, hk, d, *, causal=False, window=(-1, -1), softmax_scale=None, softcap=0.0,
-          alibi=None, num_splits=0, layout="contiguous", seed=None, expect_splits=None, expect_pack=None,
-          input_scale=1.0):
-    """Run the sm80 forward directly on fresh random inputs and compare with the reference."""
+def make_case(dtype, b, sq, sk, h, hk, d, *, causal=False, window=(-1, -1), softmax_scale=None, softcap=0.0,
+              alibi=None, num_splits=0, layout="contiguous", seed=None, input_scale=1.0):
+    """Fresh random inputs on the device with NaN-poisoned outputs: (their Run, the float64 reference
+    output and LSE, the plain low-precision attention the FA rule compares against)."""
     rng = np.random.default_rng(seed)
     q = randn(rng, (b, sq, h, d), dtype, input_scale)
     k = randn(rng, (b, sk, hk, d), dtype, input_scale)
@@ -110,17 +110,15 @@ def check(dtype, b, sq, sk, h, hk, d, *, causal=False, window=(-1, -1), softmax_
     ts = None if slopes is None else cupy.asarray(slopes)
     run = make_run(tq, tk, tv, out, lse, dtype, causal=causal, window=window, softmax_scale=softmax_scale,
                    softcap=softcap, alibi=ts, num_splits=num_splits)
-    assert _launch_sm80.supports(run), "the sm80 path must accept these (aligned) inputs"
-    plan = _launch_sm80.plan(run)
-    if expect_splits is not None:
-        assert expect_splits(plan["splits"]), plan
-    if expect_pack is not None:
-        assert plan["pack"] == expect_pack, plan
-    _launch_sm80.forward_sm80(run)
+    return run, ref, ref_lse, base
+
+
+def verify(run, ref, ref_lse, base):
+    """After the launch: output under the FA rule, LSE to 1e-4, -inf and zero output on rows with no key."""
     cupy.cuda.get_current_stream().synchronize()
-    got = _to64(out)
-    assert_fa_close(got, ref, base, dtype)
-    got_lse = cupy.asnumpy(lse).astype(np.float64)
+    got = _to64(run.out)
+    assert_fa_close(got, ref, base, run.dtype)
+    got_lse = cupy.asnumpy(run.lse).astype(np.float64)
     fin = np.isfinite(ref_lse)
     assert not np.isnan(got_lse).any(), "lse: NaN (unwritten)"
     assert (np.isneginf(got_lse) == ~fin).all(), "lse must be -inf exactly on rows with no key"
@@ -128,6 +126,19 @@ def check(dtype, b, sq, sk, h, hk, d, *, causal=False, window=(-1, -1), softmax_
     empty = ~fin  # rows with no key: output exactly 0
     if empty.any():
         assert (got.transpose(0, 2, 1, 3)[empty] == 0).all()
+
+
+def check(dtype, b, sq, sk, h, hk, d, *, expect_splits=None, expect_pack=None, **opts):
+    """Run the sm80 forward directly on fresh random inputs and compare with the reference."""
+    run, ref, ref_lse, base = make_case(dtype, b, sq, sk, h, hk, d, **opts)
+    assert _launch_sm80.supports(run), "the sm80 path must accept these (aligned) inputs"
+    plan = _launch_sm80.plan(run)
+    if expect_splits is not None:
+        assert expect_splits(plan["splits"]), plan
+    if expect_pack is not None:
+        assert plan["pack"] == expect_pack, plan
+    _launch_sm80.forward_sm80(run)
+    verify(run, ref, ref_lse, base)
     return plan
 
 

@@ -30,54 +30,22 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _sm90_ok(), reason="needs 
 
 from cuflash import _launch_sm90  # noqa: E402
 
-from .test_gpu_sm80 import _device_array, _poisoned, _to64, make_run  # noqa: E402
+from .test_gpu_sm80 import _to64, make_case, make_run, verify  # noqa: E402
 
 DTYPES = ("float16", "bfloat16")
 
 
-def check(dtype, b, sq, sk, h, hk, d, *, causal=False, window=(-1, -1), softmax_scale=None, softcap=0.0,
-          alibi=None, layout="contiguous", seed=None, input_scale=1.0, expect_supported=False):
+def check(dtype, b, sq, sk, h, hk, d, *, expect_supported=False, **opts):
     """Run the sm90 forward directly on fresh random inputs and compare with the reference.
 
     Small shapes are ones the dispatcher sends to the sm80 path (it splits the key range when the grid
     cannot fill the GPU): the kernel is called directly all the same. ``expect_supported``: also
     assert that the dispatcher would pick this path."""
-    rng = np.random.default_rng(seed)
-    q = randn(rng, (b, sq, h, d), dtype, input_scale)
-    k = randn(rng, (b, sk, hk, d), dtype, input_scale)
-    v = randn(rng, (b, sk, hk, d), dtype)
-    slopes = None
-    if alibi == "heads":
-        slopes = (rng.random(h) * 0.5).astype(np.float32)
-    elif alibi == "batch_heads":
-        slopes = (rng.random((b, h)) * 0.5).astype(np.float32)
-    opts = dict(causal=causal, softmax_scale=softmax_scale, window_size=window, alibi_slopes=slopes,
-                softcap=softcap)
-    ref, ref_lse = reference.attention(q, k, v, return_lse=True, **opts)
-    base = lowp_attention(q, k, v, dtype, **opts)
-
-    pad = -(-d // 8) * 8 if d % 8 else None
-    bhsd = layout == "bhsd"
-    tq, tk, tv = (_device_array(x, dtype, pad_to=pad, bhsd=bhsd) for x in (q, k, v))
-    out = _poisoned(q.shape, dtype, pad)
-    lse = cupy.full((b, h, sq), np.nan, dtype=cupy.float32)
-    ts = None if slopes is None else cupy.asarray(slopes)
-    run = make_run(tq, tk, tv, out, lse, dtype, causal=causal, window=window, softmax_scale=softmax_scale,
-                   softcap=softcap, alibi=ts)
+    run, ref, ref_lse, base = make_case(dtype, b, sq, sk, h, hk, d, **opts)
     if expect_supported:
         assert _launch_sm90.supports(run), "the sm90 path must accept these inputs"
     _launch_sm90.forward_sm90(run)
-    cupy.cuda.get_current_stream().synchronize()
-    got = _to64(out)
-    assert_fa_close(got, ref, base, dtype)
-    got_lse = cupy.asnumpy(lse).astype(np.float64)
-    fin = np.isfinite(ref_lse)
-    assert not np.isnan(got_lse).any(), "lse: NaN (unwritten)"
-    assert (np.isneginf(got_lse) == ~fin).all(), "lse must be -inf exactly on rows with no key"
-    np.testing.assert_allclose(got_lse[fin], ref_lse[fin], rtol=1e-4, atol=1e-4)
-    empty = ~fin
-    if empty.any():
-        assert (got.transpose(0, 2, 1, 3)[empty] == 0).all()
+    verify(run, ref, ref_lse, base)
 
 
 SEQLENS = [(1, 1), (113, 203), (239, 1), (128, 128), (129, 1000), (1023, 1023), (200, 4096)]
