@@ -53,14 +53,12 @@ def main(argv=None) -> int:
     variants = {}
     if args.variants:
         variants = {
-            "sm90-batched": {d: replace(t, sched=2) for d, t in tiles0.items()},
+            "sm90-1blk-per-tile": {d: replace(t, persist=False) for d, t in tiles0.items()},
+            "sm90-persist": {d: replace(t, persist=True) for d, t in tiles0.items() if d == 192},
+            "sm90-3wg": {64: replace(tiles0[64], consumers=3, persist=True, sched=2)},
+            "sm90-3wg-overlap": {64: replace(tiles0[64], consumers=3, persist=True, sched=1)},
             "sm90-overlap": {d: replace(t, sched=1) for d, t in tiles0.items()},
-            "sm90-nopp": {d: replace(t, pingpong=False) for d, t in tiles0.items()},
-            "sm90-bigN": {64: replace(tiles0[64], block_n=192, stages=2), 128: replace(tiles0[128], block_n=176),
-                          256: replace(tiles0[256], block_n=64)},
-            "sm90-bigN-b": {64: replace(tiles0[64], block_n=192, stages=2, sched=2),
-                            128: replace(tiles0[128], block_n=176, sched=2),
-                            256: replace(tiles0[256], block_n=64, sched=2)},
+            "sm90-batched": {d: replace(t, sched=2) for d, t in tiles0.items()},
         }
     rows = []
     for hd in parse_sizes(args.headdims):
@@ -87,8 +85,7 @@ def main(argv=None) -> int:
 
                 def run_cuflash(label, disable_sm90, tiles=None):
                     os.environ["CUFLASH_DISABLE_SM90"] = "1" if disable_sm90 else "0"
-                    if tiles is not None:
-                        _launch_sm90.SM90_FORWARD_TILES.clear()
+                    if tiles is not None:  # the variant's tiles over the table's
                         _launch_sm90.SM90_FORWARD_TILES.update(tiles)
                     _api.clear_plan_cache()
                     try:
@@ -106,7 +103,9 @@ def main(argv=None) -> int:
                 if cap == (9, 0):
                     run_cuflash("cuflash-sm80", True)
                     for label, tiles in variants.items():
-                        run_cuflash(label, False, tiles)
+                        bucket = _launch_sm90.tile_for(hd).headdim_bucket
+                        if bucket in tiles and tiles[bucket] != tiles0[bucket]:
+                            run_cuflash(label, False, tiles)
                 os.environ.pop("CUFLASH_DISABLE_SM90", None)
                 _api.clear_plan_cache()
                 for impl, (ms, note) in res.items():

@@ -14,13 +14,12 @@ import os
 from dataclasses import dataclass
 
 from . import _tma
-from ._launch import CTYPES, launch
+from ._launch import CTYPES, launch, memset, ptr
 
 FILE = "fwd_sm90.cu"
 _DTYPES = ("float16", "bfloat16")
-BLOCK_M = 128      # two consumer warpgroups x 64 rows
-THREADS = 384      # producer + 2 consumers
-_GRID_YZ_MAX = 65535
+_SMEM_MAX = 227 * 1024
+_GRID_X_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -28,29 +27,64 @@ class Sm90Tile:
     headdim_bucket: int
     block_n: int
     stages: int
+    consumers: int = 2       # consumer warpgroups of 64 query rows each (2 or 3)
     pingpong: bool = True    # consumers take turns issuing MMAs (named barriers)
     sched: int = 2           # consumer order per tile: 0 serial, 1 overlap, 2 batched (fwd_sm90.cu kSched*)
+    persist: bool = True     # min(tiles, SMs) blocks loop over work tiles (atomic tile counter)
+
+    @property
+    def block_m(self) -> int:
+        return 64 * self.consumers
+
+    @property
+    def threads(self) -> int:
+        return 128 * (self.consumers + 1)
+
+    @property
+    def own_o(self) -> bool:
+        """Sm90FwdTraits::kOwnO: the output has a staging buffer of its own (else it reuses Q's)."""
+        return self._base_smem + self._q_bytes <= _SMEM_MAX
+
+    @property
+    def _q_bytes(self) -> int:
+        return self.block_m * self.headdim_bucket * 2
+
+    @property
+    def _base_smem(self) -> int:
+        # alignment slack + Q (block_m x D) + K and V rings (stages x BN x D)
+        return 1024 + self._q_bytes + 2 * self.stages * self.block_n * self.headdim_bucket * 2
 
     @property
     def smem(self) -> int:
-        # Sm90FwdTraits::kSmemBytes: alignment slack + Q (128 x D) + K and V rings (stages x BN x D).
-        return 1024 + BLOCK_M * self.headdim_bucket * 2 + 2 * self.stages * self.block_n * self.headdim_bucket * 2
+        """Sm90FwdTraits::kSmemBytes."""
+        return self._base_smem + (self._q_bytes if self.own_o else 0)
 
 
 # One tile per head-dim bucket (head dims pad up to the bucket inside the kernel: TMA zero-fills).
-# Registers per consumer thread (240 with setmaxnreg): O takes D / 2, the score tile BN / 2, P BN / 4;
-# shared memory 227 KB at most. Measured on the H100 (bf16, 16k tokens, hidden 2048, TFLOP/s at
-# seqlen 4k / 16k non-causal; benchmarks/NOTES.md "Hopper forward" has every variant):
+# Registers per consumer thread (setmaxnreg: 240, or 232 when persistent, whose producer needs 40): O
+# takes D / 2, the score tile BN / 2, P BN / 4; shared memory 227 KB at most. Persistent kernels (d64,
+# d128) stage the output in a buffer of its own; d192 / d256 would spill at 232 registers and run one
+# block per tile. Measured on the H100 (bf16, 16k tokens, hidden 2048, TFLOP/s at seqlen 4k / 16k
+# non-causal; benchmarks/NOTES.md "Hopper forward" has every variant):
 #   d64:  BN 128, 3 stages, ping-pong, batched: 423 / 437 (serial order 394 / 429; BN 192: 404 / 407)
 #   d128: BN 128, 2 stages, ping-pong, batched: 580 / 662 (serial 559 / 605; BN 176: 581 / 513)
 #   d256: BN 80, 2 stages, ping-pong, batched: 638 / 604 (serial 604 / 633; BN 64: 624 / 600)
 #   d192: not measured (BN 96 fits the same registers and 193 KB).
 SM90_FORWARD_TILES = {
-    64: Sm90Tile(64, 128, 3),     # 113 KB
-    128: Sm90Tile(128, 128, 2),   # 161 KB
-    192: Sm90Tile(192, 96, 2),    # 193 KB
-    256: Sm90Tile(256, 80, 2),    # 225 KB
+    64: Sm90Tile(64, 128, 3),                    # 129 KB; two consumers: short causal (see below)
+    128: Sm90Tile(128, 128, 2, sched=1),         # 193 KB; intra-warpgroup overlap
+    192: Sm90Tile(192, 96, 2, persist=False),    # 193 KB
+    256: Sm90Tile(256, 80, 2, persist=False),    # 225 KB
 }
+# Three consumer warpgroups (192 query rows, 160 registers each): at d64 the softmax takes longer than
+# the two GEMMs, so two warpgroups' softmax must hide behind the third's MMAs. Measured (same run,
+# TFLOP/s, two -> three): non-causal 512..16k 341 -> 359, 380 -> 406, 397 -> 481, 413 -> 501, 421 -> 500,
+# 435 -> 540; causal 2k..16k 342 -> 369, 381 -> 417, 400 -> 448, 432 -> 437, but causal 512 / 1k lose
+# (220 -> 153, 287 -> 265: 192-row blocks fit short causal sequences badly). wide_tile() decides.
+SM90_WIDE_TILES = {
+    64: Sm90Tile(64, 128, 3, consumers=3),       # 145 KB
+}
+WIDE_CAUSAL_MIN_SEQLEN = 2048
 HEADDIM_BUCKETS_SM90 = tuple(sorted(SM90_FORWARD_TILES))
 
 
@@ -61,21 +95,32 @@ def tile_for(headdim: int) -> Sm90Tile:
     raise ValueError(f"headdim {headdim} is above the largest sm90 bucket {HEADDIM_BUCKETS_SM90[-1]}")
 
 
+def choose(run) -> Sm90Tile:
+    """The tile of ``run``: the head-dim bucket's, or its three-consumer tile where that was faster."""
+    base = tile_for(run.headdim)
+    wide = SM90_WIDE_TILES.get(base.headdim_bucket)
+    if wide is not None and not (run.causal and run.seqlen_q < WIDE_CAUSAL_MIN_SEQLEN):
+        return wide
+    return base
+
+
 def kernel_name(dtype: str, tile: Sm90Tile) -> str:
     pp = "true" if tile.pingpong else "false"
-    return (f"cuflash::fwd_sm90<{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.block_n}, {tile.stages}, {pp}, "
-            f"{tile.sched}>")
+    ps = "true" if tile.persist else "false"
+    return (f"cuflash::fwd_sm90<{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.block_n}, {tile.stages}, "
+            f"{tile.consumers}, {pp}, {tile.sched}, {ps}>")
 
 
 def variants(arch: str | None = None) -> list[tuple[str, str]]:
     """Every (file, name expression) this path can launch (sm_90a only: empty for other archs)."""
     if arch is not None and arch != "sm_90a":
         return []
-    return [(FILE, kernel_name(dt, t)) for dt in _DTYPES for t in SM90_FORWARD_TILES.values()]
+    tiles = list(SM90_FORWARD_TILES.values()) + list(SM90_WIDE_TILES.values())
+    return [(FILE, kernel_name(dt, t)) for dt in _DTYPES for t in dict.fromkeys(tiles)]
 
 
 def _specs(run, tile: Sm90Tile):
-    return (_tma.spec_for("q", run.q, BLOCK_M), _tma.spec_for("k", run.k, tile.block_n),
+    return (_tma.spec_for("q", run.q, tile.block_m), _tma.spec_for("k", run.k, tile.block_n),
             _tma.spec_for("v", run.v, tile.block_n), _tma.spec_for("out", run.out, 64))
 
 
@@ -87,7 +132,8 @@ def supports(run) -> bool:
         return False
     if min(run.batch, run.seqlen_q, run.seqlen_k, run.nheads, run.nheads_k) < 1:
         return False
-    if run.batch > _GRID_YZ_MAX or run.nheads > _GRID_YZ_MAX:
+    tile = choose(run)
+    if num_tiles(run, tile) > _GRID_X_MAX:
         return False
     from . import _launch_sm80
 
@@ -96,7 +142,6 @@ def supports(run) -> bool:
     pl = _launch_sm80.plan(run)
     if pl["splits"] > 1 or pl["pack"] > 1:  # decoding shapes: the sm80 path splits / packs them
         return False
-    tile = tile_for(run.headdim)
     try:
         for spec, a in zip(_specs(run, tile), (run.q, run.k, run.v, run.out)):
             _tma.encode(spec, int(a.data.ptr))
@@ -105,8 +150,38 @@ def supports(run) -> bool:
     return True
 
 
-def forward_sm90(run) -> None:
-    tile = tile_for(run.headdim)
-    grid = (-(-run.seqlen_q // BLOCK_M), run.nheads, run.batch)
-    launch(run, FILE, kernel_name(run.dtype, tile), grid, (THREADS,), run.params(), tile.smem,
+def num_tiles(run, tile: Sm90Tile) -> int:
+    """Work tiles of a launch: query blocks x heads x batch."""
+    return -(-run.seqlen_q // tile.block_m) * run.nheads * run.batch
+
+
+def forward_sm90(run, tile: Sm90Tile | None = None) -> None:
+    """Launch the Hopper forward (``tile`` overrides the table: tests and benchmarks)."""
+    tile = tile or choose(run)
+    tiles = num_tiles(run, tile)
+    extra = {}
+    if tile.persist:
+        from ._launch_sm80 import num_sms
+
+        try:
+            sms = num_sms(run.device_id)
+        except Exception:
+            sms = 132
+        grid = (min(tiles, sms), 1, 1)
+        counter = _empty(run, (1,), "int32")
+        run.scratch["sm90_tile_counter"] = counter  # alive until the launch is enqueued
+        memset(run, counter)  # through the launch layer: the plan cache replays it
+        extra["counters"] = ptr(counter)
+    else:
+        grid = (tiles, 1, 1)
+    launch(run, FILE, kernel_name(run.dtype, tile), grid, (tile.threads,), run.params(**extra), tile.smem,
            maps=_specs(run, tile))
+
+
+def _empty(run, shape, dtype: str):
+    if getattr(run, "empty", None) is not None:
+        return run.empty(tuple(shape), dtype)
+    import cupy
+
+    with cupy.cuda.Device(run.device_id):
+        return cupy.empty(tuple(shape), dtype)

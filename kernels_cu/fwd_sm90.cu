@@ -39,43 +39,77 @@ struct TmaMaps {
     TmaDesc q, k, v, o;
 };
 
-template <int D, int BN, int STAGES>
+template <int D, int BN, int STAGES, int NWG, bool PERSIST>
 struct Sm90FwdTraits {
-    static constexpr int kBM = 128;           // two consumer warpgroups x 64 rows
-    static constexpr int kThreads = 384;      // producer + 2 consumers
-    static constexpr int kChunks = D / 64;    // 64-column (128-byte) swizzle blocks
+    static constexpr int kBM = 64 * NWG;            // NWG consumer warpgroups x 64 rows
+    static constexpr int kThreads = 128 * (NWG + 1);  // producer + consumers
+    // setmaxnreg: the producer keeps 24 registers, the consumers share the rest of the 64K file.
+    // (a persistent producer walks the tile schedule too: 24 registers would spill)
+    static constexpr int kProducerRegs = NWG == 2 ? (PERSIST ? 40 : 24) : 32;
+    static constexpr int kConsumerRegs = NWG == 2 ? (PERSIST ? 232 : 240) : 160;
+    static constexpr int kChunks = D / 64;          // 64-column (128-byte) swizzle blocks
     static constexpr int kQBytes = kBM * D * 2;
     static constexpr int kKVBytes = BN * D * 2;
     // + 1024: the dynamic window is aligned up to 1024 bytes (swizzle atoms) at run time.
-    static constexpr int kSmemBytes = 1024 + kQBytes + 2 * STAGES * kKVBytes;
-    static constexpr int kBars = 1 + 4 * STAGES;  // q_full, k_full[], v_full[], k_empty[], v_empty[]
+    static constexpr int kBaseBytes = 1024 + kQBytes + 2 * STAGES * kKVBytes;
+    // The output is staged in a buffer of its own when it fits (a persistent block then loads the next
+    // Q tile while this one's output is stored), else in the Q tile.
+    static constexpr bool kOwnO = kBaseBytes + kQBytes <= 227 * 1024;
+    static constexpr int kSmemBytes = kBaseBytes + (kOwnO ? kQBytes : 0);
+    // q_full, q_empty, k_full[], v_full[], k_empty[], v_empty[], tile_full[2], tile_empty[2]
+    static constexpr int kBars = 2 + 4 * STAGES + 4;
+    static_assert(NWG == 2 || NWG == 3, "two or three consumer warpgroups");
     static_assert(D % 64 == 0 && D >= 64 && D <= 256, "head-dim bucket must be 64, 128, 192 or 256");
     static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key tile must be a multiple of 16, at most 256");
     static_assert(STAGES >= 2, "at least two slots per ring");
+    static_assert(kProducerRegs * 128 + NWG * 128 * kConsumerRegs <= 65536, "register file");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm90 per-block limit");
 };
 
-constexpr int kBarPingPong = 1;  // named barriers 1, 2: consumer turns
+constexpr int kBarPingPong = 1;  // named barriers 1 .. NWG: consumer turns
 // Consumer schedules (SCHED), for one key tile j of the steady state:
 constexpr int kSchedSerial = 0;   // O += P(j-1) V(j-1); wait; S(j) = Q K(j)^T; wait; softmax(j)
 constexpr int kSchedOverlap = 1;  // S(j), O += P(j-1) V(j-1); wait S(j); softmax(j) beside P V; wait
 constexpr int kSchedBatched = 2;  // O += P(j-1) V(j-1), S(j) in one commit group; wait; softmax(j)
-constexpr int kBarEpilogue = 3;  // named barriers 3, 4: one per consumer warpgroup
+constexpr int kBarEpilogue = 8;  // named barriers 8 .. 8 + NWG - 1: one per consumer warpgroup
+
+// Work tile t (0 .. num_tiles - 1) -> query block and (batch, head): head-major, and within a head
+// the query blocks last to first (for causal masks the heaviest first). Consecutive tiles share K / V
+// (L2 reuse), and the lightest tiles of the last head come last.
+struct TileCoord {
+    int m0, h, b;
+};
+__device__ __forceinline__ TileCoord tile_coord(int t, int num_m, int nheads, int bm) {
+    const int bh = t / num_m;
+    return TileCoord{(num_m - 1 - (t - bh * num_m)) * bm, bh % nheads, bh / nheads};
+}
 
 }  // namespace sm90
 
-template <typename T, int D, int BN, int STAGES, bool PINGPONG, int SCHED>
-__global__ void __launch_bounds__(384, 1)
+// PERSIST: gridDim.x = min(tiles, SMs) blocks loop over work tiles; the first is blockIdx.x, the next
+// ones come from an atomic counter (Params::counters[0], zeroed by the host before the launch), claimed
+// by the producer once it has issued the current tile's loads and handed to the consumers through
+// shared memory (tile_full / tile_empty mbarriers). The producer runs ahead into the next tile (its
+// K / V and, once free, its Q) while the consumers finish the current one; the output of one tile is
+// stored (TMA, asynchronous) while the next one computes. Otherwise one block per tile.
+template <typename T, int D, int BN, int STAGES, int NWG, bool PINGPONG, int SCHED, bool PERSIST>
+__global__ void __launch_bounds__(128 * (NWG + 1), 1)
 fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps maps) {
     using namespace sm90;
     using sm80::ex2;
     using sm80::smem_addr;
-    using Tr = Sm90FwdTraits<D, BN, STAGES>;
+    using Tr = Sm90FwdTraits<D, BN, STAGES, NWG, PERSIST>;
+    constexpr int kBM = Tr::kBM;
     constexpr int kNT = BN / 8;   // n8 tiles of the score fragment
     constexpr int kKS = D / 16;   // k-steps of S = Q K^T
     constexpr int kPS = BN / 16;  // k-steps of O += P V
+    constexpr int kConsumerWarps = 4 * NWG;
     extern __shared__ __align__(1024) unsigned char smem[];
     __shared__ __align__(8) u64 bars[Tr::kBars];
+    __shared__ int tile_slot[2];
+    // seqlen_q, seqlen_k, nheads, nheads_k, batch, window_left, window_right: the producer re-reads them
+    // from here per tile (see below).
+    __shared__ int shape_s[7];
 
     {   // The host must have given the traits' dynamic shared memory: fail loudly, never corrupt.
         u32 dyn;
@@ -85,39 +119,38 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
     const u32 sQ = (smem_addr(smem) + 1023u) & ~1023u;
     const u32 sK = sQ + Tr::kQBytes;
     const u32 sV = sK + STAGES * Tr::kKVBytes;
+    const u32 sO = Tr::kOwnO ? sV + STAGES * Tr::kKVBytes : sQ;
     const u32 bar0 = smem_addr(bars);
-    const u32 q_full = bar0;
-    auto k_full = [&](int s) { return bar0 + 8u * (1 + s); };
-    auto v_full = [&](int s) { return bar0 + 8u * (1 + STAGES + s); };
-    auto k_empty = [&](int s) { return bar0 + 8u * (1 + 2 * STAGES + s); };
-    auto v_empty = [&](int s) { return bar0 + 8u * (1 + 3 * STAGES + s); };
+    const u32 q_full = bar0, q_empty = bar0 + 8u;
+    auto k_full = [&](int s) { return bar0 + 8u * (2 + s); };
+    auto v_full = [&](int s) { return bar0 + 8u * (2 + STAGES + s); };
+    auto k_empty = [&](int s) { return bar0 + 8u * (2 + 2 * STAGES + s); };
+    auto v_empty = [&](int s) { return bar0 + 8u * (2 + 3 * STAGES + s); };
+    auto tile_full = [&](int s) { return bar0 + 8u * (2 + 4 * STAGES + s); };
+    auto tile_empty = [&](int s) { return bar0 + 8u * (4 + 4 * STAGES + s); };
 
     // warp and warpgroup through a shuffle: provably warp-uniform for the compiler, which otherwise
     // treats every branch on them as divergent and serialises the wgmma inside.
-    const int tid = threadIdx.x, lane = tid & 31;
-    const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0), wg = warp >> 2;
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * Tr::kBM;  // heaviest (causal) blocks first
-    const int h = blockIdx.y, b = blockIdx.z;
-    const int hk = h / (p.nheads / p.nheads_k);
-    const int sq = p.seqlen_q, sk = p.seqlen_k;
-    const int shift = sk - sq;  // query i sits at key position i + shift (bottom-right alignment)
-    const int wl = p.window_left, wr = p.window_right;
-
-    // Key tiles any row of the block keeps (first_key / last_key are non-decreasing in the query).
-    const int i_last = min(m0 + Tr::kBM, sq) - 1;
-    const int key_lo = wl < 0 ? 0 : max(0, m0 + shift - wl);
-    const int key_hi = wr < 0 ? sk - 1 : min(sk - 1, i_last + shift + wr);  // inclusive
-    const int nb_lo = key_lo / BN;
-    const int nb_hi = key_hi < key_lo ? nb_lo : key_hi / BN + 1;
-    const int n_iter = nb_hi - nb_lo;  // tiles visited: nb_hi - 1 down to nb_lo
-
-    if (tid == 0) {
+    const int wg = __shfl_sync(0xffffffffu, (int)threadIdx.x >> 7, 0);
+    if (threadIdx.x == 0) {
+        shape_s[0] = p.seqlen_q;
+        shape_s[1] = p.seqlen_k;
+        shape_s[2] = p.nheads;
+        shape_s[3] = p.nheads_k;
+        shape_s[4] = p.batch;
+        shape_s[5] = p.window_left;
+        shape_s[6] = p.window_right;
         mbar_init(q_full, 1);
+        mbar_init(q_empty, kConsumerWarps);  // one arrival per consumer warp once Q is no longer read
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);
-            mbar_init(k_empty(s), 8);  // one arrival per consumer warp
-            mbar_init(v_empty(s), 8);
+            mbar_init(k_empty(s), kConsumerWarps);
+            mbar_init(v_empty(s), kConsumerWarps);
+        }
+        for (int s = 0; s < 2; ++s) {
+            mbar_init(tile_full(s), 1);
+            mbar_init(tile_empty(s), kConsumerWarps);
         }
         mbar_init_fence();
     }
@@ -125,325 +158,444 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
 
     if (wg == 0) {
         // ---- producer ---------------------------------------------------------------------------------
-        setmaxnreg_dec<24>();
-        if (warp == 0 && lane == 0 && n_iter > 0) {
+        setmaxnreg_dec<Tr::kProducerRegs>();
+        if (sreg_tid_x() == 0) {
+            // The producer keeps only its counters across tiles (32 - 40 registers): the problem
+            // scalars are re-read per tile from a copy in shared memory (volatile, so that the
+            // compiler neither hoists nor spills them; a volatile read of the __grid_constant__
+            // parameter itself is lowered by NVRTC 13.0 to a generic load from the wrong address).
+            auto fresh = [&](int i) { return *static_cast<const volatile int*>(&shape_s[i]); };
             prefetch_tma_desc(&maps.q);
             prefetch_tma_desc(&maps.k);
             prefetch_tma_desc(&maps.v);
-            mbar_arrive_expect_tx(q_full, Tr::kQBytes);
+            int g = 0;   // K / V tiles loaded so far (ring position and phase)
+            int qt = 0;  // Q tiles loaded so far
+            int tile = sreg_ctaid_x();
+            for (int n = 0;; ++n) {
+                if (PERSIST) {  // hand the tile to the consumers
+                    if (n >= 2) mbar_wait(tile_empty(n & 1), ((n >> 1) - 1) & 1);
+                    tile_slot[n & 1] = tile;
+                    mbar_arrive(tile_full(n & 1));  // release: the slot write is visible to the waiters
+                }
+                const int sq = fresh(0), sk = fresh(1), nheads = fresh(2);
+                const u32 num_m = (u32)(sq + kBM - 1) / kBM;
+                if ((u32)tile >= num_m * (u32)nheads * (u32)fresh(4)) break;
+                const u32 bh = (u32)tile / num_m;
+                const int m0 = (int)(num_m - 1 - ((u32)tile - bh * num_m)) * kBM;
+                const int h = (int)(bh % (u32)nheads), b = (int)(bh / (u32)nheads);
+                const int hk = (int)((u32)h / (u32)(nheads / fresh(3)));
+                int nb_lo, nb_hi;
+                {   // as key_tiles() of the consumers
+                    const int wl = fresh(5), wr = fresh(6), shift = sk - sq;
+                    const int i_last = min(m0 + kBM, sq) - 1;
+                    const int key_lo = wl < 0 ? 0 : max(0, m0 + shift - wl);
+                    const int key_hi = wr < 0 ? sk - 1 : min(sk - 1, i_last + shift + wr);  // inclusive
+                    nb_lo = key_lo / BN;
+                    nb_hi = key_hi < key_lo ? nb_lo : key_hi / BN + 1;
+                }
+                const TileCoord tc{m0, h, b};
+                for (int it = 0; it < nb_hi - nb_lo; ++it, ++g) {
+                    const int s = g % STAGES;
+                    const u32 ph = (g / STAGES) & 1;
+                    const int k0 = (nb_hi - 1 - it) * BN;
+                    if (g >= STAGES) mbar_wait(k_empty(s), ph ^ 1);
+                    mbar_arrive_expect_tx(k_full(s), Tr::kKVBytes);
 #pragma unroll
-            for (int c = 0; c < Tr::kChunks; ++c) tma_load_4d(sQ + c * (Tr::kBM * 128), &maps.q, c * 64, h, m0, b, q_full);
-            for (int it = 0; it < n_iter; ++it) {
-                const int s = it % STAGES;
-                const u32 ph = (it / STAGES) & 1;
-                const int k0 = (nb_hi - 1 - it) * BN;
-                if (it >= STAGES) mbar_wait(k_empty(s), ph ^ 1);
-                mbar_arrive_expect_tx(k_full(s), Tr::kKVBytes);
+                    for (int c = 0; c < Tr::kChunks; ++c)
+                        tma_load_4d(sK + s * Tr::kKVBytes + c * (BN * 128), &maps.k, c * 64, hk, k0, tc.b, k_full(s));
+                    if (it == 0) {  // Q behind the first K tile: that one may already stream while Q frees up
+                        if (qt > 0) mbar_wait(q_empty, (qt - 1) & 1);
+                        mbar_arrive_expect_tx(q_full, Tr::kQBytes);
 #pragma unroll
-                for (int c = 0; c < Tr::kChunks; ++c)
-                    tma_load_4d(sK + s * Tr::kKVBytes + c * (BN * 128), &maps.k, c * 64, hk, k0, b, k_full(s));
-                if (it >= STAGES) mbar_wait(v_empty(s), ph ^ 1);
-                mbar_arrive_expect_tx(v_full(s), Tr::kKVBytes);
+                        for (int c = 0; c < Tr::kChunks; ++c)
+                            tma_load_4d(sQ + c * (kBM * 128), &maps.q, c * 64, tc.h, tc.m0, tc.b, q_full);
+                        ++qt;
+                    }
+                    if (g >= STAGES) mbar_wait(v_empty(s), ph ^ 1);
+                    mbar_arrive_expect_tx(v_full(s), Tr::kKVBytes);
 #pragma unroll
-                for (int c = 0; c < Tr::kChunks; ++c)
-                    tma_load_4d(sV + s * Tr::kKVBytes + c * (BN * 128), &maps.v, c * 64, hk, k0, b, v_full(s));
+                    for (int c = 0; c < Tr::kChunks; ++c)
+                        tma_load_4d(sV + s * Tr::kKVBytes + c * (BN * 128), &maps.v, c * 64, hk, k0, tc.b, v_full(s));
+                }
+                if (!PERSIST) break;
+                // The next tile is claimed only now, with this one's loads issued (the consumers are at
+                // most STAGES key tiles behind): claimed earlier, the choice would run a whole tile
+                // ahead of the work and hand out tiles round-robin, blind to how long each takes
+                // (measured: causal 16k 5-10% slower that way than one block per tile).
+                tile = atomicAdd(p.counters, 1) + sreg_nctaid_x();
             }
         }
         return;
     }
 
     // ---- consumers ---------------------------------------------------------------------------------
-    setmaxnreg_inc<240>();
-    const int cw = wg - 1;                                // consumer index: rows 64 cw .. 64 cw + 63
+    setmaxnreg_inc<Tr::kConsumerRegs>();
+    // Problem scalars, derived inside each role (after its setmaxnreg: a value live across the register
+    // count change would be spilled).
+    const int sq = p.seqlen_q, sk = p.seqlen_k;
+    const int shift = sk - sq;  // query i sits at key position i + shift (bottom-right alignment)
+    const int wl = p.window_left, wr = p.window_right;
+    const int num_m = (sq + kBM - 1) / kBM;
+    const int num_tiles = num_m * p.nheads * p.batch;
+    // Key tiles visited for a block of rows m0 .. m0 + kBM - 1: nb_hi - 1 down to nb_lo (any row of
+    // the block keeps a key in them; first_key / last_key are non-decreasing in the query).
+    auto key_tiles = [&](int m0, int& nb_lo, int& nb_hi) {
+        const int i_last = min(m0 + kBM, sq) - 1;
+        const int key_lo = wl < 0 ? 0 : max(0, m0 + shift - wl);
+        const int key_hi = wr < 0 ? sk - 1 : min(sk - 1, i_last + shift + wr);  // inclusive
+        nb_lo = key_lo / BN;
+        nb_hi = key_hi < key_lo ? nb_lo : key_hi / BN + 1;
+    };
+    const int tid = sreg_tid_x(), lane = tid & 31;  // re-derived: nothing stays live across setmaxnreg
+    const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
+    const int cw = (warp >> 2) - 1;                                // consumer index: rows 64 cw .. 64 cw + 63
     const int wrow = 16 * (warp & 3) + (lane >> 2);       // fragment row (half 0) within the 64
     const int tq = lane & 3;                              // fragment column pair
-    const int r0 = m0 + 64 * cw;                          // first query row of this warpgroup
     const bool transform = p.softcap > 0.f || p.alibi != nullptr || !(p.scale_log2 > 0.f);
     const float mult = transform ? 1.f : p.scale_log2;
-    // Tiles that need the mask for some row of this warpgroup: keys past the smallest last_key or
-    // before the largest first_key of its rows.
-    const int r_hi = min(r0 + 63, sq - 1);
-    const int right_lim = wr < 0 ? sk - 1 : min(sk - 1, r0 + shift + wr);
-    const int left_lim = wl < 0 ? 0 : r_hi + shift - wl;
-
-    float o[D / 2];
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-    float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
-    u32 pf[kPS][4];  // P of the previous tile, 16-bit pairs: the A fragments of O += P V
-
-    // Q rows of this warpgroup: column block c at sQ + c * 128 * 128 + 64 cw * 128.
+    // Rows of this warpgroup in the Q and O tiles: column block c at base + c * kBM * 128 + 64 cw * 128.
     const u32 q_base = sQ + 64 * cw * 128;
+    const u32 o_base = sO + 64 * cw * 128;
 
-    // S(j) = Q K(j)^T into sacc (issue only; the caller commits).
-    auto issue_qk = [&](float (&sacc)[BN / 2], int s) {
-        const u32 kb = sK + s * Tr::kKVBytes;
-#pragma unroll
-        for (int ks = 0; ks < kKS; ++ks) {
-            const u32 off = (ks & 3) * 32;  // 16 columns = 32 bytes within a 128-byte row
-            const u64 da = smem_desc_sw128(q_base + (ks >> 2) * (Tr::kBM * 128) + off, 16, 1024);
-            const u64 db = smem_desc_sw128(kb + (ks >> 2) * (BN * 128) + off, 16, 1024);
-            Wgmma<T, BN>::ss(sacc, da, db, ks > 0);
-        }
-    };
-    // O += P V(slot s) with P in registers (issue only).
-    auto issue_pv = [&](const u32 (&pa)[kPS][4], int s) {
-        const u32 vb = sV + s * Tr::kKVBytes;
-#pragma unroll
-        for (int ks = 0; ks < kPS; ++ks) {
-            // V is N-major: 8-key groups 1024 bytes apart (SBO), 64-column blocks BN * 128 apart (LBO).
-            const u64 db = smem_desc_sw128(vb + ks * 16 * 128, BN * 128, 1024);
-            Wgmma<T, D>::rs_nmajor_b(o, pa[ks][0], pa[ks][1], pa[ks][2], pa[ks][3], db, 1);
-        }
-    };
-    // Scores of tile `it` (in sacc) -> probabilities as 16-bit A fragments; row statistics updated,
-    // corr = the factor by which O (still accumulating the previous tiles) must be rescaled.
-    auto softmax = [&](float (&sacc)[BN / 2], int it, u32 (&pa)[kPS][4], float (&corr)[2]) {
-        const int k0 = (nb_hi - 1 - it) * BN;
-        if (transform) {  // rare features: uniform branches
-            if (p.softcap > 0.f) {
-                const float cap_in = p.scale / p.softcap, cap_out = p.softcap * CUFLASH_LOG2E;
-#pragma unroll
-                for (int i = 0; i < BN / 2; ++i) sacc[i] = cap_out * sm80::tanh_abs_accurate(sacc[i] * cap_in);
-            } else {
-#pragma unroll
-                for (int i = 0; i < BN / 2; ++i) sacc[i] *= p.scale_log2;
-            }
-            if (p.alibi != nullptr) {
-                const float slope2 = p.alibi[(i64)b * p.alibi_batch_stride + h] * CUFLASH_LOG2E;
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    const int rel = r0 + wrow + 8 * hh + shift - (k0 + 2 * tq);  // |i + shift - j|
-#pragma unroll
-                    for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e)
-                            sacc[4 * nt + 2 * hh + e] =
-                                fmaf(-slope2, fabsf((float)(rel - (nt * 8 + e))), sacc[4 * nt + 2 * hh + e]);
-                }
-            }
-        }
-        // Mask: only tiles crossing seqlen_k or a window / causal edge of some row of the warpgroup.
-        if (k0 + BN - 1 > right_lim || k0 < left_lim) {
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                const int ipos = r0 + wrow + 8 * hh + shift;
-                const int c0 = k0 + 2 * tq;
-                const int lo = (wl < 0 ? 0 : ipos - wl) - c0;  // kept: lo <= c <= hi
-                const int hi = (wr < 0 ? sk - 1 : min(sk - 1, ipos + wr)) - c0;
-#pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const int c = nt * 8 + e;
-                        if (c < lo || c > hi) sacc[4 * nt + 2 * hh + e] = -INFINITY;
-                    }
-            }
-        }
-        // Online softmax: a row lives in the 4 lanes of a quad.
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-            float mx = row_m[hh];
-#pragma unroll
-            for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(sacc[4 * nt + 2 * hh], sacc[4 * nt + 2 * hh + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float base = mx == -INFINITY ? 0.f : mx * mult;
-            corr[hh] = ex2(row_m[hh] * mult - base);  // 0 while nothing was kept (m = -inf)
-            row_m[hh] = mx;
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const float pe = ex2(fmaf(sacc[4 * nt + 2 * hh + e], mult, -base));
-                    sacc[4 * nt + 2 * hh + e] = pe;
-                    sum += pe;
-                }
-            row_l[hh] = fmaf(row_l[hh], corr[hh], sum);
-        }
-        // The C fragment of two adjacent n8 tiles is the A fragment of one k16 step.
-#pragma unroll
-        for (int ks = 0; ks < kPS; ++ks) {
-            pa[ks][0] = pack2<T>(sacc[8 * ks + 0], sacc[8 * ks + 1]);
-            pa[ks][1] = pack2<T>(sacc[8 * ks + 2], sacc[8 * ks + 3]);
-            pa[ks][2] = pack2<T>(sacc[8 * ks + 4], sacc[8 * ks + 5]);
-            pa[ks][3] = pack2<T>(sacc[8 * ks + 6], sacc[8 * ks + 7]);
-        }
-    };
-    // O *= corr per row, skipped when no row of the warp found a new maximum (corr is exactly 1 then:
-    // after the first tiles most do not; D / 2 multiplies saved, a quarter of the softmax's work at D = 256).
-    auto rescale_o = [&](const float (&corr)[2]) {
-        if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
-#pragma unroll
-            for (int nt = 0; nt < D / 8; ++nt) {
-                o[4 * nt + 0] *= corr[0];
-                o[4 * nt + 1] *= corr[0];
-                o[4 * nt + 2] *= corr[1];
-                o[4 * nt + 3] *= corr[1];
-            }
-        }
-    };
     auto release = [&](u32 bar) {  // this warp is done reading a slot
         __syncwarp();
         if (lane == 0) mbar_arrive(bar);
     };
-    // PINGPONG: consumer cw issues its MMAs only on its turn (named barrier 1 + cw) and then hands the
-    // turn to the other (n_iter + 1 issue groups each; consumer 1 pre-arrives once and skips its last
-    // hand-over, so both barriers balance).
+    // PINGPONG: the consumers issue their MMAs in turns, 0, 1, .., NWG - 1, 0, ... (named barrier
+    // kBarPingPong + cw: my turn; then I hand it to the next). The last consumer opens the first turn;
+    // the one extra hand-over this leaves on consumer 0's barrier is taken after the last tile.
     auto turn_begin = [&]() {
         if (PINGPONG) named_bar_sync(kBarPingPong + cw, 256);
     };
-    auto turn_end = [&](bool last) {
-        if (PINGPONG && !(last && cw == 1)) named_bar_arrive(kBarPingPong + (1 - cw), 256);
+    auto turn_end = [&]() {
+        if (PINGPONG) named_bar_arrive(kBarPingPong + (cw + 1) % NWG, 256);
     };
+    if (PINGPONG && cw == NWG - 1) named_bar_arrive(kBarPingPong, 256);
 
-    if (n_iter > 0) {
-        mbar_wait(q_full, 0);
-        if (PINGPONG && cw == 1) named_bar_arrive(kBarPingPong, 256);  // consumer 0 goes first
-        {   // tile 0: S(0) and its softmax
-            float sacc[BN / 2];
-            float corr[2];
-            mbar_wait(k_full(0), 0);
-            turn_begin();
-            wgmma_fence();
-            issue_qk(sacc, 0);
-            wgmma_commit();
-            turn_end(false);
-            wgmma_wait<0>();
-            fence_regs<BN / 2>(sacc);
-            release(k_empty(0));
-            softmax(sacc, 0, pf, corr);  // O is still 0: no rescale
+    int g = 0;   // K / V tiles consumed so far (ring position and phase, as the producer counts)
+    int qt = 0;  // Q tiles consumed so far
+    int tile = sreg_ctaid_x();
+    for (int n = 0;; ++n) {
+        if (PERSIST) {
+            mbar_wait(tile_full(n & 1), (n >> 1) & 1);
+            tile = tile_slot[n & 1];
+            release(tile_empty(n & 1));
         }
-        if constexpr (SCHED == kSchedSerial) {
-            // O += P(it-1) V(it-1) retires before S(it) is issued; the softmax never runs beside an MMA
-            // of its own warpgroup.
-            for (int it = 1; it < n_iter; ++it) {
-                const int s = it % STAGES, sp = (it - 1) % STAGES;
-                float sacc[BN / 2];
-                float corr[2];
-                mbar_wait(v_full(sp), ((it - 1) / STAGES) & 1);
-                turn_begin();
-                wgmma_fence();
-                issue_pv(pf, sp);
-                wgmma_commit();
-                wgmma_wait<0>();
-                fence_regs<D / 2>(o);
-                fence_regs<kPS * 4>(&pf[0][0]);
-                release(v_empty(sp));
-                mbar_wait(k_full(s), (it / STAGES) & 1);
-                wgmma_fence();
-                issue_qk(sacc, s);
-                wgmma_commit();
-                turn_end(false);
-                wgmma_wait<0>();
-                fence_regs<BN / 2>(sacc);
-                release(k_empty(s));
-                softmax(sacc, it, pf, corr);
-                rescale_o(corr);
-            }
-        } else if constexpr (SCHED == kSchedBatched) {
-            // Both MMAs issued back to back (one turn keeps the tensor cores busy for both), then one
-            // wait, then the softmax (beside the other warpgroup's MMAs when PINGPONG).
-            for (int it = 1; it < n_iter; ++it) {
-                const int s = it % STAGES, sp = (it - 1) % STAGES;
-                float sacc[BN / 2];
-                float corr[2];
-                mbar_wait(v_full(sp), ((it - 1) / STAGES) & 1);
-                mbar_wait(k_full(s), (it / STAGES) & 1);
-                turn_begin();
-                wgmma_fence();
-                issue_pv(pf, sp);
-                issue_qk(sacc, s);
-                wgmma_commit();
-                turn_end(false);
-                wgmma_wait<0>();
-                fence_regs<BN / 2>(sacc);
-                fence_regs<D / 2>(o);
-                fence_regs<kPS * 4>(&pf[0][0]);
-                release(v_empty(sp));
-                release(k_empty(s));
-                softmax(sacc, it, pf, corr);
-                rescale_o(corr);
-            }
-        } else {
-            // kSchedOverlap: S(it) issued, then O += P(it-1) V(it-1); the softmax of S(it) runs while the
-            // latter is still in the tensor cores.
-            for (int it = 1; it < n_iter; ++it) {
-                const int s = it % STAGES, sp = (it - 1) % STAGES;
-                float sacc[BN / 2];
-                float corr[2];
-                u32 pn[kPS][4];
-                mbar_wait(k_full(s), (it / STAGES) & 1);
-                mbar_wait(v_full(sp), ((it - 1) / STAGES) & 1);
-                turn_begin();
-                wgmma_fence();
-                issue_qk(sacc, s);
-                wgmma_commit();
-                issue_pv(pf, sp);
-                wgmma_commit();
-                turn_end(false);
-                wgmma_wait<1>();  // S(it) is done; P V may still run
-                fence_regs<BN / 2>(sacc);
-                release(k_empty(s));
-                softmax(sacc, it, pn, corr);
-                wgmma_wait<0>();
-                fence_regs<D / 2>(o);
-                fence_regs<kPS * 4>(&pf[0][0]);
-                release(v_empty(sp));
-                rescale_o(corr);
-#pragma unroll
-                for (int ks = 0; ks < kPS; ++ks)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) pf[ks][e] = pn[ks][e];
-            }
-        }
-        {   // drain: O += P(last) V(last)
-            const int sp = (n_iter - 1) % STAGES;
-            mbar_wait(v_full(sp), ((n_iter - 1) / STAGES) & 1);
-            turn_begin();
-            wgmma_fence();
-            issue_pv(pf, sp);
-            wgmma_commit();
-            turn_end(true);
-            wgmma_wait<0>();
-            fence_regs<D / 2>(o);
-            fence_regs<kPS * 4>(&pf[0][0]);
-            release(v_empty(sp));
-        }
-    }
+        if (tile >= num_tiles) break;
+        const TileCoord tc = tile_coord(tile, num_m, p.nheads, kBM);
+        const int h = tc.h, b = tc.b;
+        int nb_lo, nb_hi;
+        key_tiles(tc.m0, nb_lo, nb_hi);
+        const int n_iter = nb_hi - nb_lo;
+        const int r0 = tc.m0 + 64 * cw;  // first query row of this warpgroup
+        // Tiles that need the mask for some row of this warpgroup: keys past the smallest last_key or
+        // before the largest first_key of its rows.
+        const int r_hi = min(r0 + 63, sq - 1);
+        const int right_lim = wr < 0 ? sk - 1 : min(sk - 1, r0 + shift + wr);
+        const int left_lim = wl < 0 ? 0 : r_hi + shift - wl;
 
-    // ---- epilogue: O / l staged in this warpgroup's Q rows, TMA store; LSE from registers ----------
-    float inv_l[2];
+        float o[D / 2];
 #pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-        float l = row_l[hh];
-        l += __shfl_xor_sync(0xffffffffu, l, 1);
-        l += __shfl_xor_sync(0xffffffffu, l, 2);
-        inv_l[hh] = l > 0.f ? 1.f / l : 0.f;
-        const int row = r0 + wrow + 8 * hh;
-        if (tq == 0 && row < sq && p.lse != nullptr)
-            p.lse[((i64)b * p.nheads + h) * sq + row] =
-                l > 0.f ? (row_m[hh] * mult + log2f(l)) * CUFLASH_LN2 : -INFINITY;
-    }
+        for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+        float row_m[2] = {-INFINITY, -INFINITY}, row_l[2] = {0.f, 0.f};
+        u32 pf[kPS][4];  // P of the previous tile, 16-bit pairs: the A fragments of O += P V
+
+        // S(j) = Q K(j)^T into sacc (issue only; the caller commits).
+        auto issue_qk = [&](float (&sacc)[BN / 2], int s) {
+            const u32 kb = sK + s * Tr::kKVBytes;
 #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-        const int c = nt >> 3, u = nt & 7;
+            for (int ks = 0; ks < kKS; ++ks) {
+                const u32 off = (ks & 3) * 32;  // 16 columns = 32 bytes within a 128-byte row
+                const u64 da = smem_desc_sw128(q_base + (ks >> 2) * (kBM * 128) + off, 16, 1024);
+                const u64 db = smem_desc_sw128(kb + (ks >> 2) * (BN * 128) + off, 16, 1024);
+                Wgmma<T, BN>::ss(sacc, da, db, ks > 0);
+            }
+        };
+        // O += P V(slot s) with P in registers (issue only).
+        auto issue_pv = [&](const u32 (&pa)[kPS][4], int s) {
+            const u32 vb = sV + s * Tr::kKVBytes;
+#pragma unroll
+            for (int ks = 0; ks < kPS; ++ks) {
+                // V is N-major: 8-key groups 1024 bytes apart (SBO), 64-column blocks BN * 128 apart (LBO).
+                const u64 db = smem_desc_sw128(vb + ks * 16 * 128, BN * 128, 1024);
+                Wgmma<T, D>::rs_nmajor_b(o, pa[ks][0], pa[ks][1], pa[ks][2], pa[ks][3], db, 1);
+            }
+        };
+        // Scores of tile `it` (in sacc) -> probabilities (fp32, in place); row statistics updated,
+        // corr = the factor by which O (still accumulating the previous tiles) must be rescaled.
+        auto softmax = [&](float (&sacc)[BN / 2], int it, float (&corr)[2]) {
+            const int k0 = (nb_hi - 1 - it) * BN;
+            if (transform) {  // rare features: uniform branches
+                if (p.softcap > 0.f) {
+                    const float cap_in = p.scale / p.softcap, cap_out = p.softcap * CUFLASH_LOG2E;
+#pragma unroll
+                    for (int i = 0; i < BN / 2; ++i) sacc[i] = cap_out * sm80::tanh_abs_accurate(sacc[i] * cap_in);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < BN / 2; ++i) sacc[i] *= p.scale_log2;
+                }
+                if (p.alibi != nullptr) {
+                    const float slope2 = p.alibi[(i64)b * p.alibi_batch_stride + h] * CUFLASH_LOG2E;
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        const int rel = r0 + wrow + 8 * hh + shift - (k0 + 2 * tq);  // |i + shift - j|
+#pragma unroll
+                        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                            for (int e = 0; e < 2; ++e)
+                                sacc[4 * nt + 2 * hh + e] =
+                                    fmaf(-slope2, fabsf((float)(rel - (nt * 8 + e))), sacc[4 * nt + 2 * hh + e]);
+                    }
+                }
+            }
+            // Mask: only tiles crossing seqlen_k or a window / causal edge of some row of the warpgroup.
+            if (k0 + BN - 1 > right_lim || k0 < left_lim) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int ipos = r0 + wrow + 8 * hh + shift;
+                    const int c0 = k0 + 2 * tq;
+                    const int lo = (wl < 0 ? 0 : ipos - wl) - c0;  // kept: lo <= c <= hi
+                    const int hi = (wr < 0 ? sk - 1 : min(sk - 1, ipos + wr)) - c0;
+#pragma unroll
+                    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int c = nt * 8 + e;
+                            if (c < lo || c > hi) sacc[4 * nt + 2 * hh + e] = -INFINITY;
+                        }
+                }
+            }
+            // Online softmax: a row lives in the 4 lanes of a quad.
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                float mx = row_m[hh];
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(sacc[4 * nt + 2 * hh], sacc[4 * nt + 2 * hh + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float base = mx == -INFINITY ? 0.f : mx * mult;
+                corr[hh] = ex2(row_m[hh] * mult - base);  // 0 while nothing was kept (m = -inf)
+                row_m[hh] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const float pe = ex2(fmaf(sacc[4 * nt + 2 * hh + e], mult, -base));
+                        sacc[4 * nt + 2 * hh + e] = pe;
+                        sum += pe;
+                    }
+                row_l[hh] = fmaf(row_l[hh], corr[hh], sum);
+            }
+        };
+        // Probabilities -> 16-bit A fragments of O += P V: the C fragment of two adjacent n8 tiles is
+        // the A fragment of one k16 step.
+        auto pack_p = [&](const float (&sacc)[BN / 2], u32 (&pa)[kPS][4]) {
+#pragma unroll
+            for (int ks = 0; ks < kPS; ++ks) {
+                pa[ks][0] = pack2<T>(sacc[8 * ks + 0], sacc[8 * ks + 1]);
+                pa[ks][1] = pack2<T>(sacc[8 * ks + 2], sacc[8 * ks + 3]);
+                pa[ks][2] = pack2<T>(sacc[8 * ks + 4], sacc[8 * ks + 5]);
+                pa[ks][3] = pack2<T>(sacc[8 * ks + 6], sacc[8 * ks + 7]);
+            }
+        };
+        // O *= corr per row, skipped when no row of the warp found a new maximum (corr is exactly 1
+        // then: after the first tiles most do not).
+        auto rescale_o = [&](const float (&corr)[2]) {
+            if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
+#pragma unroll
+                for (int nt = 0; nt < D / 8; ++nt) {
+                    o[4 * nt + 0] *= corr[0];
+                    o[4 * nt + 1] *= corr[0];
+                    o[4 * nt + 2] *= corr[1];
+                    o[4 * nt + 3] *= corr[1];
+                }
+            }
+        };
+        // Q is no longer read by this warp (its own buffer for the output): the producer may reload it.
+        auto release_q_after_qk = [&](int it) {
+            if (Tr::kOwnO && it == n_iter - 1) release(q_empty);
+        };
+
+        if (n_iter > 0) {
+            mbar_wait(q_full, qt & 1);
+            {   // tile 0: S(0) and its softmax
+                float sacc[BN / 2];
+                float corr[2];
+                const int s = g % STAGES;
+                mbar_wait(k_full(s), (g / STAGES) & 1);
+                turn_begin();
+                wgmma_fence();
+                issue_qk(sacc, s);
+                wgmma_commit();
+                turn_end();
+                wgmma_wait<0>();
+                fence_regs<BN / 2>(sacc);
+                release(k_empty(s));
+                release_q_after_qk(0);
+                softmax(sacc, 0, corr);  // O is still 0: no rescale
+                pack_p(sacc, pf);
+            }
+            if constexpr (SCHED == kSchedSerial) {
+                // O += P(it-1) V(it-1) retires before S(it) is issued; the softmax never runs beside an
+                // MMA of its own warpgroup.
+                for (int it = 1; it < n_iter; ++it) {
+                    const int s = (g + it) % STAGES, sp = (g + it - 1) % STAGES;
+                    float sacc[BN / 2];
+                    float corr[2];
+                    mbar_wait(v_full(sp), ((g + it - 1) / STAGES) & 1);
+                    turn_begin();
+                    wgmma_fence();
+                    issue_pv(pf, sp);
+                    wgmma_commit();
+                    wgmma_wait<0>();
+                    fence_regs<D / 2>(o);
+                    fence_regs<kPS * 4>(&pf[0][0]);
+                    release(v_empty(sp));
+                    mbar_wait(k_full(s), ((g + it) / STAGES) & 1);
+                    wgmma_fence();
+                    issue_qk(sacc, s);
+                    wgmma_commit();
+                    turn_end();
+                    wgmma_wait<0>();
+                    fence_regs<BN / 2>(sacc);
+                    release(k_empty(s));
+                    release_q_after_qk(it);
+                    softmax(sacc, it, corr);
+                    pack_p(sacc, pf);
+                    rescale_o(corr);
+                }
+            } else if constexpr (SCHED == kSchedBatched) {
+                // Both MMAs issued back to back (one turn keeps the tensor cores busy for both), then one
+                // wait, then the softmax (beside the other warpgroups' MMAs when PINGPONG).
+                for (int it = 1; it < n_iter; ++it) {
+                    const int s = (g + it) % STAGES, sp = (g + it - 1) % STAGES;
+                    float sacc[BN / 2];
+                    float corr[2];
+                    mbar_wait(v_full(sp), ((g + it - 1) / STAGES) & 1);
+                    mbar_wait(k_full(s), ((g + it) / STAGES) & 1);
+                    turn_begin();
+                    wgmma_fence();
+                    issue_pv(pf, sp);
+                    issue_qk(sacc, s);
+                    wgmma_commit();
+                    turn_end();
+                    wgmma_wait<0>();
+                    fence_regs<BN / 2>(sacc);
+                    fence_regs<D / 2>(o);
+                    fence_regs<kPS * 4>(&pf[0][0]);
+                    release(v_empty(sp));
+                    release(k_empty(s));
+                    release_q_after_qk(it);
+                    softmax(sacc, it, corr);
+                    pack_p(sacc, pf);
+                    rescale_o(corr);
+                }
+            } else {
+                // kSchedOverlap: S(it) issued, then O += P(it-1) V(it-1); the softmax of S(it) runs while
+                // the latter is still in the tensor cores. P(it) stays fp32 in sacc until P(it-1) V(it-1)
+                // has retired and only then overwrites the A fragments (ptxas serialises every wgmma of
+                // the kernel if registers an in-flight wgmma reads are written, e.g. by a second P
+                // buffer it coalesces with the first).
+                for (int it = 1; it < n_iter; ++it) {
+                    const int s = (g + it) % STAGES, sp = (g + it - 1) % STAGES;
+                    float sacc[BN / 2];
+                    float corr[2];
+                    mbar_wait(k_full(s), ((g + it) / STAGES) & 1);
+                    mbar_wait(v_full(sp), ((g + it - 1) / STAGES) & 1);
+                    turn_begin();
+                    wgmma_fence();
+                    issue_qk(sacc, s);
+                    wgmma_commit();
+                    issue_pv(pf, sp);
+                    wgmma_commit();
+                    turn_end();
+                    wgmma_wait<1>();  // S(it) is done; P V may still run
+                    fence_regs<BN / 2>(sacc);
+                    release(k_empty(s));
+                    release_q_after_qk(it);
+                    softmax(sacc, it, corr);
+                    wgmma_wait<0>();
+                    fence_regs<D / 2>(o);
+                    fence_regs<kPS * 4>(&pf[0][0]);
+                    release(v_empty(sp));
+                    rescale_o(corr);
+                    pack_p(sacc, pf);
+                }
+            }
+            {   // drain: O += P(last) V(last)
+                const int sp = (g + n_iter - 1) % STAGES;
+                mbar_wait(v_full(sp), ((g + n_iter - 1) / STAGES) & 1);
+                turn_begin();
+                wgmma_fence();
+                issue_pv(pf, sp);
+                wgmma_commit();
+                turn_end();
+                wgmma_wait<0>();
+                fence_regs<D / 2>(o);
+                fence_regs<kPS * 4>(&pf[0][0]);
+                release(v_empty(sp));
+            }
+            g += n_iter;
+        }
+
+        // ---- epilogue: O / l staged in shared memory, TMA store; LSE from registers ------------------
+        float inv_l[2];
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-            const int row = wrow + 8 * hh;
-            const u32 addr = q_base + c * (Tr::kBM * 128) + row * 128 + ((u ^ (row & 7)) << 4) + 4 * tq;
-            sm80::sts_u32(addr, pack2<T>(o[4 * nt + 2 * hh] * inv_l[hh], o[4 * nt + 2 * hh + 1] * inv_l[hh]));
+            float l = row_l[hh];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            inv_l[hh] = l > 0.f ? 1.f / l : 0.f;
+            const int row = r0 + wrow + 8 * hh;
+            if (tq == 0 && row < sq && p.lse != nullptr)
+                p.lse[((i64)b * p.nheads + h) * sq + row] =
+                    l > 0.f ? (row_m[hh] * mult + log2f(l)) * CUFLASH_LN2 : -INFINITY;
         }
-    }
-    fence_proxy_async();
-    named_bar_sync(kBarEpilogue + cw, 128);
-    if ((warp & 3) == 0 && lane == 0) {
+        if (n_iter == 0) {
+            // No key for any row of the block (e.g. causal with seqlen_q > seqlen_k): zeros, written
+            // directly (no Q tile was loaded; a persistent block's Q / O buffer may be in use).
+            const int r_end = min(r0 + 64, sq);
+            const int ctid = tid & 127;
+            for (int r = r0 + (ctid >> 4); r < r_end; r += 8) {
+                T* orow = reinterpret_cast<T*>(p.o) + (i64)b * p.o_batch_stride + (i64)r * p.o_row_stride +
+                          (i64)h * p.o_head_stride;
+                for (int c = ctid & 15; c < p.headdim; c += 16) orow[c] = from_float<T>(0.f);
+            }
+        } else {
+            const bool leader = (warp & 3) == 0 && lane == 0;
+            if (PERSIST && Tr::kOwnO) {  // the previous tile's store must have read the buffer
+                if (leader) tma_store_wait_read();
+                named_bar_sync(kBarEpilogue + cw, 128);
+            }
 #pragma unroll
-        for (int c = 0; c < Tr::kChunks; ++c) tma_store_4d(&maps.o, c * 64, h, r0, b, q_base + c * (Tr::kBM * 128));
-        tma_store_commit();
-        tma_store_wait_read();
+            for (int nt = 0; nt < D / 8; ++nt) {
+                const int c = nt >> 3, u = nt & 7;
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const int row = wrow + 8 * hh;
+                    const u32 addr = o_base + c * (kBM * 128) + row * 128 + ((u ^ (row & 7)) << 4) + 4 * tq;
+                    sm80::sts_u32(addr, pack2<T>(o[4 * nt + 2 * hh] * inv_l[hh], o[4 * nt + 2 * hh + 1] * inv_l[hh]));
+                }
+            }
+            fence_proxy_async();
+            named_bar_sync(kBarEpilogue + cw, 128);
+            if (leader) {
+#pragma unroll
+                for (int c = 0; c < Tr::kChunks; ++c) tma_store_4d(&maps.o, c * 64, h, r0, b, o_base + c * (kBM * 128));
+                tma_store_commit();
+                if (!(PERSIST && Tr::kOwnO)) tma_store_wait_read();
+            }
+            if (!Tr::kOwnO) {  // the output sat in the Q tile: free it for the next one once read
+                named_bar_sync(kBarEpilogue + cw, 128);
+                release(q_empty);
+            }
+            ++qt;
+        }
+        if (!PERSIST) break;
     }
+    if (PINGPONG && cw == 0) named_bar_sync(kBarPingPong, 256);  // the last consumer's final hand-over
+    if (PERSIST && Tr::kOwnO && (warp & 3) == 0 && lane == 0) tma_store_wait_read();
 }
 
 }  // namespace cuflash

@@ -9,6 +9,8 @@ on rows with no key; outputs are NaN-poisoned before each call. Only on a comput
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -35,16 +37,16 @@ from .test_gpu_sm80 import _to64, make_case, make_run, verify  # noqa: E402
 DTYPES = ("float16", "bfloat16")
 
 
-def check(dtype, b, sq, sk, h, hk, d, *, expect_supported=False, **opts):
+def check(dtype, b, sq, sk, h, hk, d, *, expect_supported=False, tile=None, **opts):
     """Run the sm90 forward directly on fresh random inputs and compare with the reference.
 
     Small shapes are ones the dispatcher sends to the sm80 path (it splits the key range when the grid
     cannot fill the GPU): the kernel is called directly all the same. ``expect_supported``: also
-    assert that the dispatcher would pick this path."""
+    assert that the dispatcher would pick this path; ``tile``: a variant instead of the table's."""
     run, ref, ref_lse, base = make_case(dtype, b, sq, sk, h, hk, d, **opts)
     if expect_supported:
         assert _launch_sm90.supports(run), "the sm90 path must accept these inputs"
-    _launch_sm90.forward_sm90(run)
+    _launch_sm90.forward_sm90(run, tile)
     verify(run, ref, ref_lse, base)
 
 
@@ -75,6 +77,17 @@ def test_long_causal_many_tiles(d):
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_dispatcher_takes_prefill(d):
     check("bfloat16", 4, 1024, 1024, 2048 // d, 2048 // d, d, causal=True, expect_supported=True)
+
+
+@pytest.mark.parametrize("causal,sq,wide", [(False, 700, True), (True, 2100, True), (True, 1000, False)])
+def test_wide_tile_choice(causal, sq, wide):
+    """d64 takes three consumer warpgroups except for short causal sequences (the table's rule)."""
+    run, ref, ref_lse, base = make_case("bfloat16", 2, sq, sq, 4, 2, 64, causal=causal)
+    tile = _launch_sm90.choose(run)
+    assert (tile.consumers == 3) == wide
+    assert _launch_sm90.supports(run)
+    _launch_sm90.forward_sm90(run)
+    verify(run, ref, ref_lse, base)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -116,6 +129,56 @@ def test_strided_bhsd(dtype, d):
     check(dtype, 2, 300, 400, 4, 2, d, layout="bhsd")
 
 
+# Kernel variants beside the table's choice (benchmarks/NOTES.md measures them): each must be exact too.
+VARIANTS = {
+    "persist": lambda t: replace(t, persist=True),        # d192 / d256: output staged in the Q tile
+    "one-block-per-tile": lambda t: replace(t, persist=False),
+    "serial": lambda t: replace(t, sched=0),
+    "batched": lambda t: replace(t, sched=2),
+    "overlap": lambda t: replace(t, sched=1),
+    "no-pingpong": lambda t: replace(t, pingpong=False),
+    "three-consumers": lambda t: replace(t, consumers=3, persist=True, sched=2),
+    "three-consumers-1blk": lambda t: replace(t, consumers=3, persist=False, sched=2),
+    "three-consumers-overlap": lambda t: replace(t, consumers=3, persist=True, sched=1),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("d", [64, 128, 192, 256])
+def test_variants(variant, d):
+    """More work tiles than SMs (the persistent blocks fetch tiles from the atomic counter), blocks with
+    no key at all (causal, seqlen_q > seqlen_k), windows and GQA, on every schedule variant."""
+    if d == 192 and variant not in ("persist", "overlap"):
+        pytest.skip("d192: the persistent and overlap variants only")
+    if variant.startswith("three-consumers") and d > 64:
+        pytest.skip("three consumer warpgroups (160 registers each) are built for head dim 64")
+    tile = VARIANTS[variant](_launch_sm90.tile_for(d))
+    check("bfloat16", 3, 600, 600, 12, 4, d, causal=True, tile=tile)
+    check("float16", 1, 1333, 517, 2, 2, d, causal=True, tile=tile)
+    check("bfloat16", 1, 500, 900, 4, 2, d, window=(100, 20), tile=tile)
+
+
+@pytest.mark.parametrize("persist", [True, False])
+def test_many_tiles_deterministic(persist):
+    """Thousands of tiles over 132 SMs: the dynamic schedule differs run to run, the bits must not."""
+    rng = np.random.default_rng()
+    dtype = "bfloat16"
+    q, k, v = (cupy.asarray(randn(rng, (8, 1024, 16, 64), dtype).astype(NP_DTYPES[dtype])) for _ in range(3))
+    tile = replace(_launch_sm90.tile_for(64), persist=persist)
+    first = None
+    for _ in range(4):
+        out = cupy.full(q.shape, np.nan, q.dtype)
+        lse = cupy.full((8, 16, 1024), np.nan, cupy.float32)
+        run = make_run(q, k, v, out, lse, dtype, causal=True)
+        _launch_sm90.forward_sm90(run, tile)
+        got = (cupy.asnumpy(out).view(np.uint16), cupy.asnumpy(lse))
+        assert not np.isnan(got[1]).any()
+        if first is None:
+            first = got
+        else:
+            assert (got[0] == first[0]).all() and (got[1] == first[1]).all()
+
+
 def test_deterministic_and_no_race():
     """Same inputs, same bits, over several runs (a race would move the result)."""
     rng = np.random.default_rng()
@@ -137,6 +200,8 @@ def test_variants_cover_every_dispatch_choice():
     for d in range(1, 257):
         for dtype in DTYPES:
             assert _launch_sm90.kernel_name(dtype, _launch_sm90.tile_for(d)) in names
+    for t in _launch_sm90.SM90_WIDE_TILES.values():
+        assert _launch_sm90.kernel_name("bfloat16", t) in names
 
 
 @pytest.fixture
@@ -144,9 +209,9 @@ def sm90_calls(monkeypatch):
     calls = []
     original = _launch_sm90.forward_sm90
 
-    def wrapped(run):
+    def wrapped(run, tile=None):
         calls.append(run.headdim)
-        return original(run)
+        return original(run, tile)
 
     monkeypatch.setattr(_launch_sm90, "forward_sm90", wrapped)
     return calls
@@ -176,7 +241,7 @@ def test_api_picks_sm90(sm90_calls, dtype):
     dec = cupy.asarray(randn(rng, (4, 1, 16, 128), dtype).astype(NP_DTYPES[dtype]))
     cuflash.attention(dec, tk, tv)
     cuflash.attention(tq, tk, tv, dropout_p=0.1, seed=1)
-    assert len(sm90_calls) == n, "decoding and dropout must take the sm80 path"
+    assert len(sm90_calls) == n, "decoding (decode path) and dropout (sm80 path) must not take this one"
 
 
 def test_replay_new_pointers(sm90_calls):

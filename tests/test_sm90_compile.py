@@ -1,8 +1,8 @@
 """CPU tests of the Hopper forward's kernels (NVRTC compiles for sm_90a without a GPU).
 
 Every variant ``cuflash._launch_sm90.variants("sm_90a")`` lists compiles with no spills and no stack
-frame, with no serialised-wgmma warning from ptxas (C7514 / C7519 / C7517 mean the tensor-core pipeline
-would be drained around each MMA), within the 227 KB shared-memory limit; no sm90 variant is listed for
+frame, with no serialised-wgmma message from ptxas (C75xx "wgmma.mma_async instructions are serialized":
+the tensor-core pipeline would be drained around each MMA), within the 227 KB shared-memory limit; no sm90 variant is listed for
 other architectures; and the generated wgmma wrappers (kernels_cu/wgmma_ops.cuh) are what
 ``cuflash._gen_wgmma`` writes.
 """
@@ -28,8 +28,10 @@ def test_generated_wgmma_header_is_current():
 def test_variants_only_for_sm90a():
     assert _launch_sm90.variants("sm_80") == [] and _launch_sm90.variants("sm_86") == []
     v = _launch_sm90.variants("sm_90a")
-    assert len(v) == len(set(v)) == 2 * len(_launch_sm90.SM90_FORWARD_TILES)
-    for t in _launch_sm90.SM90_FORWARD_TILES.values():
+    tiles = {**{("base", d): t for d, t in _launch_sm90.SM90_FORWARD_TILES.items()},
+             **{("wide", d): t for d, t in _launch_sm90.SM90_WIDE_TILES.items()}}
+    assert len(v) == len(set(v)) == 2 * len(tiles)
+    for t in tiles.values():
         assert t.smem + 1024 <= SMEM_LIMIT  # + the static (1024-aligned) barrier block
 
 
@@ -41,5 +43,8 @@ def test_every_variant_compiles_without_spills_or_serialised_wgmma():
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, (n, r)
         c = _compile.compile_cubin(f, (n,), arch)  # cache hit: its ptxas log
         log = getattr(c, "log", "") or ""
-        for code in ("C7514", "C7519", "C7517", "C7508"):
-            assert code not in log, (n, code, log[-2000:])
+        # ptxas's "Potential Performance Loss: wgmma.mma_async instructions are serialized due to ..."
+        # (C7508 .. C7519: registers written under an in-flight wgmma, too few registers, ...): every
+        # wgmma of the kernel then waits for the previous one, silently 15-25% slower.
+        bad = [ln for ln in log.splitlines() if "serialized" in ln or "Performance Loss" in ln]
+        assert not bad, (n, bad)
