@@ -9,6 +9,7 @@ then a compact summary LAST. Writes CSV files and PNG plots into --outdir.
     python benchmarks/bench_attention.py                 # full grid, fwd + bwd (~5 min on an H100)
     python benchmarks/bench_attention.py --quick         # smoke run: headdim 128, seqlen 1k and 4k
     python benchmarks/bench_attention.py --decode        # decode bandwidth (only that)
+    python benchmarks/bench_attention.py --decode-compare   # decode, also with the decode path off
     python benchmarks/bench_attention.py --memory --latency
     python benchmarks/bench_attention.py --all           # grid + decode + memory + latency
     python benchmarks/bench_attention.py --dropout 0.1   # every implementation with dropout p=0.1
@@ -23,7 +24,9 @@ BHSD views ``x.transpose(1, 2)`` of the BSHD tensors) and jax-cudnn
 that is missing or fails on a shape is reported with a line and shown as n/a. Variants: cuflash-det
 (backward with ``deterministic=True``, bwd cells only, on by default: the summary's "deterministic
 cost" = cuflash-det / cuflash), and with ``--dropout-compare P`` cuflash-drop / torch-fa2-drop (cuflash
-and torch-fa2 at dropout P next to their p=0 rows).
+and torch-fa2 at dropout P next to their p=0 rows), and with ``--decode-compare`` cuflash-nodecode (decode
+cells only: cuflash with CUFLASH_DISABLE_DECODE=1, i.e. the sm80 path's packed-GQA split-KV forward,
+next to the dedicated decode kernel).
 """
 
 from __future__ import annotations
@@ -54,14 +57,14 @@ DEFAULT_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_HEADDIMS = (128,)
 QUICK_SEQLENS = (1024, 4096)
 
-IMPLS = ("cuflash", "cuflash-det", "cuflash-drop", "cuflash-cupy", "torch-fa2", "torch-fa2-drop", "torch-cudnn",
-         "torch-memeff", "jax-cudnn")
+IMPLS = ("cuflash", "cuflash-det", "cuflash-drop", "cuflash-cupy", "cuflash-nodecode", "torch-fa2", "torch-fa2-drop",
+         "torch-cudnn", "torch-memeff", "jax-cudnn")
 DEFAULT_IMPLS = ("cuflash", "cuflash-det", "torch-fa2", "torch-cudnn", "torch-memeff", "jax-cudnn")
 # Peers first, so that their output is there to check cuflash against.
 MEASURE_ORDER = ("torch-fa2", "torch-fa2-drop", "torch-memeff", "torch-cudnn", "cuflash", "cuflash-det",
                  "cuflash-drop", "cuflash-cupy", "jax-cudnn")
 REF_ORDER = ("torch-fa2", "torch-memeff", "torch-cudnn")   # reference for the correctness check
-CHECKED = ("cuflash", "cuflash-det", "cuflash-cupy")
+CHECKED = ("cuflash", "cuflash-det", "cuflash-cupy", "cuflash-nodecode")
 FA2 = "torch-fa2"
 CUDNN = ("torch-cudnn", "jax-cudnn")
 SDPA_BACKENDS = {"torch-fa2": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION",
@@ -71,12 +74,19 @@ SDPA_BACKENDS = {"torch-fa2": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION
 DET = "cuflash-det"
 DROP_IMPLS = ("cuflash-drop", "torch-fa2-drop")
 VARIANTS = (DET,) + DROP_IMPLS
-VARIANT_BASE = {"cuflash-det": "cuflash", "cuflash-drop": "cuflash", "torch-fa2-drop": "torch-fa2"}
+VARIANT_BASE = {"cuflash-det": "cuflash", "cuflash-drop": "cuflash", "torch-fa2-drop": "torch-fa2",
+                "cuflash-nodecode": "cuflash"}
+# --decode-compare: cuflash with the decode path off (CUFLASH_DISABLE_DECODE=1), decode cells only (it is in
+# no MEASURE_ORDER: run_decode places it after cuflash).
+NODECODE = "cuflash-nodecode"
+# Column headers of the decode table (10 characters at most: the summary must stay short).
+DECODE_NAMES = {NODECODE: "cf-nodec", "torch-cudnn": "t-cudnn", "torch-memeff": "t-memeff"}
 DROPOUT_SEED = 20240917    # cuflash's dropout seed (+ --seed): a fixed int, forward and backward alike
 DET_BAR, DROP_BAR, DROP_VS_FA2_BAR = 0.8, 0.8, 1.0   # the open issues' bars
 DROP_BAR_HEADDIMS, DROP_BAR_SEQLENS = (64, 128), (2048, 16384)   # where the cuflash-drop/cuflash bar applies
 CHECK_TOL = {"fwd": 2e-2, "bwd": 5e-2}     # max|a - ref| / max|ref|, bf16/fp16 vs another bf16 kernel
 COLORS = {"cuflash": "tab:red", "cuflash-det": "tab:brown", "cuflash-drop": "darkred", "cuflash-cupy": "tab:pink",
+          "cuflash-nodecode": "tab:gray",
           "torch-fa2": "tab:blue", "torch-fa2-drop": "tab:cyan", "torch-cudnn": "tab:green",
           "torch-memeff": "tab:orange", "jax-cudnn": "tab:purple"}
 
@@ -319,12 +329,15 @@ def format_decode_table(rows, impls, copy_gbps) -> str:
     idx = {(r["batch"], r["seqlen_k"], r["impl"]): r for r in rows}
     shapes = sorted({(r["batch"], r["seqlen_k"]) for r in rows})
     dtype = rows[0].get("dtype", "")
-    w = max(17, max(len(i) for i in impls) + 2)
+    names = [DECODE_NAMES.get(i, i) for i in impls]
+    w = max(11, max(len(n) for n in names) + 1)
     lines = [f"[decode | seqlen_q 1, GQA {DECODE_HEADS} q / {DECODE_KV_HEADS} kv heads | headdim {DECODE_HEADDIM} | "
              f"{dtype}]  achieved GB/s = (K+V+q+out bytes) / kernel time, (% of copy BW "
              f"{fnum(copy_gbps, 0, 0).strip()} GB/s)"]
-    head = f"{'batch':>5} {'seqlen_k':>8} {'KV MiB':>8} " + "".join(i.rjust(w) for i in impls) + \
-        f" | {'cuflash us':>10} {'e2e us':>7}"
+    extra = [(n, a, b) for n, a, b in (("cf/FA2", "cuflash", FA2), ("cf/off", "cuflash", NODECODE))
+             if a in impls and b in impls]
+    head = f"{'batch':>5} {'seqlen_k':>8} {'KV MiB':>8} " + "".join(n.rjust(w) for n in names) + \
+        f" | {'cuflash us':>10} {'e2e us':>7}" + "".join(f"{n:>8}" for n, _, _ in extra)
     lines.append(head)
     lines.append("-" * len(head))
     for b, sk in shapes:
@@ -339,9 +352,32 @@ def format_decode_table(rows, impls, copy_gbps) -> str:
         cf = idx.get((b, sk, "cuflash")) or {}
         kv_mib = 2 * b * sk * DECODE_KV_HEADS * DECODE_HEADDIM * 2 / 2 ** 20
         us = cf.get("ms") * 1e3 if cf.get("status") == "ok" and cf.get("ms") is not None else None
+        ratios = "".join(fnum(ratio(_gbps(idx.get((b, sk, a))), _gbps(idx.get((b, sk, c)))), 8, 2)
+                         for _, a, c in extra)
         lines.append(f"{b:>5} {fmt_size(sk):>8} {kv_mib:>8.0f} {cells} | {fnum(us, 10, 1)} "
-                     f"{fnum(cf.get('wall_us') if cf.get('status') == 'ok' else None, 7, 1)}")
+                     f"{fnum(cf.get('wall_us') if cf.get('status') == 'ok' else None, 7, 1)}{ratios}")
     return "\n".join(lines)
+
+
+def _gbps(row):
+    return row.get("gbps") if row and row.get("status") == "ok" else None
+
+
+def decode_ratio_summary(rows) -> list:
+    """One line per comparison: cuflash / torch-fa2 and cuflash / cuflash-nodecode over the decode cells."""
+    idx = {(r["batch"], r["seqlen_k"], r["impl"]): r for r in rows}
+    shapes = sorted({(r["batch"], r["seqlen_k"]) for r in rows})
+    out = []
+    for name, other in (("torch-fa2", FA2), ("decode path off", NODECODE)):
+        vals = [(ratio(_gbps(idx.get((b, sk, "cuflash"))), _gbps(idx.get((b, sk, other)))), (b, sk))
+                for b, sk in shapes]
+        vals = [(x, w) for x, w in vals if x is not None]
+        if not vals:
+            continue
+        lo = min(vals)
+        out.append(f"decode cuflash / {name}: geomean {geomean([x for x, _ in vals]):.2f}, min {lo[0]:.2f} "
+                   f"(b{lo[1][0]} sk{fmt_size(lo[1][1])}), {sum(1 for x, _ in vals if x >= 1.0)}/{len(vals)} >= 1.00")
+    return out
 
 
 def format_memory_table(rows) -> str:
@@ -484,6 +520,7 @@ def format_summary(res) -> str:
         out.append("")
         impls = [i for i in IMPLS if any(r["impl"] == i for r in res.decode)]
         out.append(format_decode_table(res.decode, impls, res.copy_gbps))
+        out += decode_ratio_summary(res.decode)
         if res.decode_notes:
             out.append("  " + "; ".join(sorted(res.decode_notes)))
     if res.memory:
@@ -927,7 +964,7 @@ class Runner:
                     self.available["cuflash-cupy"] = None
                 except Exception as e:  # noqa: BLE001
                     self.available["cuflash-cupy"] = f"import cupy failed: {_first_line(e)}"
-        for name in ("cuflash-det", "cuflash-drop"):
+        for name in ("cuflash-det", "cuflash-drop", NODECODE):
             if name in impls:
                 self.available[name] = self.available.get("cuflash")
         for name in impls:
@@ -1074,22 +1111,36 @@ class Runner:
     def builder(self, impl, cell, mode, causal, p=None):
         """``p``: dropout probability (default: the grid's for ``impl``; decode passes 0)."""
         p = self.impl_dropout(impl) if p is None else p
-        if impl in ("cuflash", "cuflash-drop"):
-            return functools.partial(self._build_cuflash, cell, mode, causal, False, p)
+        # While run_decode compares with the decode path off, every cuflash call sets the switch.
+        dec = (impl != NODECODE) if getattr(self, "decode_switch", False) else None
+        if impl in ("cuflash", "cuflash-drop", NODECODE):
+            return functools.partial(self._build_cuflash, cell, mode, causal, False, p, decode=dec)
         if impl == DET:
-            return functools.partial(self._build_cuflash, cell, mode, causal, False, p, True)
+            return functools.partial(self._build_cuflash, cell, mode, causal, False, p, True, decode=dec)
         if impl == "cuflash-cupy":
-            return functools.partial(self._build_cuflash, cell, mode, causal, True, p)
+            return functools.partial(self._build_cuflash, cell, mode, causal, True, p, decode=dec)
         if VARIANT_BASE.get(impl, impl) in SDPA_BACKENDS:
             return functools.partial(self._build_sdpa, cell, mode, causal, VARIANT_BASE.get(impl, impl), p)
         if impl == "jax-cudnn":
             return functools.partial(self._build_jax, cell, mode, causal, p)
         raise ValueError(impl)
 
-    def _build_cuflash(self, cell, mode, causal, use_cupy, p=0.0, deterministic=False):
+    def _build_cuflash(self, cell, mode, causal, use_cupy, p=0.0, deterministic=False, decode=None):
+        """``decode``: None leaves the dispatcher alone; True / False turn the decode path on / off
+        (CUFLASH_DISABLE_DECODE, read at dispatch) and clear the plan cache, so that the calls timed
+        next record their plan on the intended path."""
         cf, torch = self.cuflash, self.torch
         q, k, v, dout = cell.q, cell.k, cell.v, cell.dout
         note = ""
+        if decode is not None:
+            if decode:
+                os.environ.pop("CUFLASH_DISABLE_DECODE", None)
+            else:
+                os.environ["CUFLASH_DISABLE_DECODE"] = "1"
+                note = "CUFLASH_DISABLE_DECODE=1"
+            clear = getattr(getattr(cf, "_api", None), "clear_plan_cache", None)
+            if clear is not None:
+                clear()
         # Only non-default options are passed, so the p=0 calls are exactly the plain ones.
         fkw = {"dropout_p": p, "seed": self.cfg.dropout_seed} if p > 0 else {}
         bkw = dict(fkw, deterministic=True) if deterministic else fkw
@@ -1102,7 +1153,7 @@ class Runner:
                 dout = None if dout is None else cp.from_dlpack(dout)
             except Exception as e:  # noqa: BLE001
                 raise Skip(f"cupy.from_dlpack of {cell.q.dtype} torch tensors failed: {_first_line(e)}") from None
-            note = "CuPy views of the torch buffers"
+            note = (note + "; " if note else "") + "CuPy views of the torch buffers"
 
             def to_t(x):
                 return torch.from_dlpack(x)
@@ -1286,7 +1337,8 @@ class Runner:
                 self.torch.cuda.empty_cache()
             for mode in cfg.modes:
                 for causal in cfg.causals:
-                    t = format_grid_table(res.grid, mode, causal, hd, [i for i in IMPLS if i in cfg.impls])
+                    t = format_grid_table(res.grid, mode, causal, hd,
+                                          [i for i in IMPLS if i in cfg.impls and i != NODECODE])
                     if t:
                         print("\n" + t + "\n", flush=True)
 
@@ -1315,6 +1367,23 @@ class Runner:
         print(f"device-to-device copy bandwidth (torch copy_ of {COPY_BYTES >> 30} GiB, 2*bytes/time): "
               f"{fnum(res.copy_gbps, 0, 0).strip()} GB/s")
         order = [i for i in MEASURE_ORDER if i in cfg.impls and i not in VARIANTS]   # inference: no dropout
+        if NODECODE in cfg.impls:   # right after cuflash: the same inputs, the decode path off
+            order.insert(order.index("cuflash") + 1 if "cuflash" in order else len(order), NODECODE)
+            self.decode_switch = True
+            print("decode compare: cuflash-nodecode = cuflash with CUFLASH_DISABLE_DECODE=1 (the sm80 path's "
+                  "packed-GQA split-KV forward)")
+        try:
+            self._decode_cells(order)
+        finally:
+            if getattr(self, "decode_switch", False):
+                self.decode_switch = False
+                os.environ.pop("CUFLASH_DISABLE_DECODE", None)
+                clear = getattr(getattr(self.cuflash, "_api", None), "clear_plan_cache", None)
+                if clear is not None:
+                    clear()
+
+    def _decode_cells(self, order):
+        cfg, res = self.cfg, self.res
         itemsize = 2
         for b in cfg.decode_batches:
             for sk in cfg.decode_seqlens:
@@ -1370,7 +1439,10 @@ class Runner:
                 del cell
                 self.torch.cuda.empty_cache()
         print("\n" + format_decode_table(res.decode, [i for i in IMPLS if i in cfg.impls and i not in VARIANTS],
-                                         res.copy_gbps) + "\n")
+                                         res.copy_gbps))
+        for line in decode_ratio_summary(res.decode):
+            print(line)
+        print()
 
     # -- memory --
     def _peak_extra(self, fn):
@@ -1586,6 +1658,9 @@ def build_parser(prog=None):
                    help="smoke run: headdim 128, seqlen 1k and 4k (decode: batch 1,8, seqlen_k 4k,32k; memory: 16k)")
     p.add_argument("--decode", action="store_true", help="decode bandwidth: q len 1, GQA 32/8, d128, batch 1..8, "
                                                          "seqlen_k 4k..128k")
+    p.add_argument("--decode-compare", action="store_true",
+                   help="--decode, plus cuflash-nodecode: cuflash with CUFLASH_DISABLE_DECODE=1 (the sm80 path) "
+                        "in the same cells; the table adds cf/off = cuflash / cuflash-nodecode")
     p.add_argument("--decode-batches", type=parse_sizes, default=None)
     p.add_argument("--decode-seqlens", type=parse_sizes, default=None)
     p.add_argument("--memory", action="store_true", help="peak memory at seqlen 16k and 64k (b1, h16, d128)")
@@ -1617,7 +1692,7 @@ def resolve(args) -> Config:
     c = Config()
     c.dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(args.dtype, args.dtype)
     c.quick = args.quick
-    extras = args.decode or args.memory or args.latency
+    extras = args.decode or args.decode_compare or args.memory or args.latency
     mode = args.mode or ("both" if (args.all or not extras) else "none")
     c.modes = {"fwd": ("fwd",), "bwd": ("bwd",), "both": ("fwd", "bwd"), "none": ()}[mode]
     c.headdims = args.headdims or (QUICK_HEADDIMS if args.quick else DEFAULT_HEADDIMS)
@@ -1643,10 +1718,12 @@ def resolve(args) -> Config:
         impls = impls + ("cuflash",) + DROP_IMPLS
     if args.cupy and "cuflash-cupy" not in impls:
         impls = impls + ("cuflash-cupy",)
+    if args.decode_compare and NODECODE not in impls:
+        impls = impls + (NODECODE,)
     if args.no_jax:
         impls = tuple(i for i in impls if i != "jax-cudnn")
     c.impls = tuple(i for i in IMPLS if i in impls)
-    c.decode = args.decode or args.all
+    c.decode = args.decode or args.decode_compare or args.all
     c.memory = args.memory or args.all
     c.latency = args.latency or args.all
     c.decode_batches = args.decode_batches or (QUICK_DECODE_BATCHES if args.quick else DECODE_BATCHES)
@@ -1761,7 +1838,8 @@ def _fake_results(seed=1, dropout=0.0, compare=0.1):
     compare = None if dropout > 0 else compare
     res.dropout = {"p": dropout, "compare": compare, "seed": DROPOUT_SEED}
     peak = {"cuflash": 1.0, "torch-fa2": 0.8, "torch-cudnn": 1.05, "torch-memeff": 0.55, "jax-cudnn": 1.02,
-            "cuflash-cupy": 0.99, "cuflash-det": 0.85, "cuflash-drop": 0.82, "torch-fa2-drop": 0.7}
+            "cuflash-cupy": 0.99, "cuflash-det": 0.85, "cuflash-drop": 0.82, "torch-fa2-drop": 0.7,
+            "cuflash-nodecode": 0.75}
     for hd in DEFAULT_HEADDIMS:
         for s in DEFAULT_SEQLENS:
             b, h = grid_shape(s, hd)
@@ -1769,7 +1847,7 @@ def _fake_results(seed=1, dropout=0.0, compare=0.1):
                 for mode in ("fwd", "bwd"):
                     flops = attn_flops(b, h, s, s, hd, causal, mode)
                     for impl in IMPLS:
-                        if (impl == DET and mode == "fwd") or (impl in DROP_IMPLS and not compare):
+                        if (impl == DET and mode == "fwd") or (impl in DROP_IMPLS and not compare) or impl == NODECODE:
                             continue
                         tf = 500 * peak[impl] * (1 - 0.5 / math.log2(s)) * (0.7 if causal and s < 2048 else 1.0) \
                             * (0.8 if mode == "bwd" else 1.0) * rnd.uniform(0.95, 1.05)
@@ -1801,7 +1879,7 @@ def _fake_results(seed=1, dropout=0.0, compare=0.1):
     for b in DECODE_BATCHES:
         for sk in DECODE_SEQLENS:
             nbytes = decode_bytes(b, sk, DECODE_HEADS, DECODE_KV_HEADS, DECODE_HEADDIM)
-            for impl in ("cuflash", "torch-fa2", "torch-cudnn", "torch-memeff", "jax-cudnn"):
+            for impl in ("cuflash", NODECODE, "torch-fa2", "torch-cudnn", "torch-memeff", "jax-cudnn"):
                 gbps = min(2700.0, 300.0 * b * sk / 4096) * peak[impl] * rnd.uniform(0.9, 1.0)
                 ms = nbytes / (gbps * 1e9) * 1e3
                 res.decode.append(dict(batch=b, seqlen_k=sk, nheads=DECODE_HEADS, nheads_k=DECODE_KV_HEADS,
@@ -1880,6 +1958,27 @@ def _selftest_builders(check):
                         ("bwd", {"causal": True, "dropout_p": 0.1, "seed": seed, "deterministic": True})]
     ok = ok and r.builder("cuflash", FakeCell, "fwd", True, p=0.0)().note == ""   # decode: never dropout
     check(ok, "cuflash builders: deterministic / dropout_p / seed passed as intended")
+    # --decode-compare: cuflash-nodecode turns the decode path off (and clears the plan cache), cuflash on
+    cleared = []
+    FakeCuflash._api = type("A", (), {"clear_plan_cache": staticmethod(lambda: cleared.append(1))})
+    saved = os.environ.pop("CUFLASH_DISABLE_DECODE", None)
+    try:
+        r.decode_switch = True
+        del calls[:]
+        b = r.builder(NODECODE, FakeCell, "fwd", False, p=0.0)()
+        off = os.environ.get("CUFLASH_DISABLE_DECODE")
+        b.fn()
+        ok = off == "1" and calls == [("fwd", {"causal": False})] and "CUFLASH_DISABLE_DECODE=1" in b.note
+        r.builder("cuflash", FakeCell, "fwd", False, p=0.0)()
+        ok = ok and "CUFLASH_DISABLE_DECODE" not in os.environ and len(cleared) == 2
+        r.decode_switch = False
+        r.builder("cuflash", FakeCell, "fwd", False, p=0.0)()
+        ok = ok and len(cleared) == 2
+    finally:
+        r.decode_switch = False
+        if saved is not None:
+            os.environ["CUFLASH_DISABLE_DECODE"] = saved
+    check(ok, "decode compare builders: CUFLASH_DISABLE_DECODE set / unset, plan cache cleared")
     skips = []
     for impl, mode in ((DET, "fwd"), ("jax-cudnn", "fwd")):
         try:
@@ -1925,6 +2024,9 @@ def selftest(outdir=None) -> int:
           and c.dtype == "fp16" and c.seqlens == (2048,) and c.csv == os.path.join("/tmp/o", "x.csv"), "flag combo")
     c = resolve(p.parse_args(["--all"]))
     check(c.modes == ("fwd", "bwd") and c.decode and c.memory and c.latency, "--all")
+    c = resolve(p.parse_args(["--decode-compare"]))
+    check(c.modes == () and c.decode and NODECODE in c.impls and "cuflash" in c.impls
+          and NODECODE not in MEASURE_ORDER, "--decode-compare: decode only, cuflash-nodecode added")
     check(parse_prob("0.1") == 0.1 and parse_prob("0") == 0.0 and _raises(parse_prob, "1")
           and _raises(parse_prob, "-0.1") and _raises(parse_prob, "x"), "parse_prob")
     c = resolve(p.parse_args([]))
@@ -1979,6 +2081,8 @@ def selftest(outdir=None) -> int:
     print(s)
     check(len(s) <= SUMMARY_LIMIT and "truncated" not in s,
           f"summary fits untruncated, all sections, det + dropout compare ({len(s)} <= {SUMMARY_LIMIT} chars)")
+    check("cf/FA2" in s and "cf/off" in s and "decode cuflash / torch-fa2: geomean" in s
+          and "decode cuflash / decode path off: geomean" in s, "decode table: cf/FA2, cf/off and their summary")
     check("CHECK FAILED" in s and "geomean" in s and "decode" in s and "memory" in s and "cold" in s
           and "DETERMINISTIC COST" in s and "DROPOUT COMPARE p=0.1" in s, "summary sections")
     want = f"cuflash-det/cuflash bwd: geomean {geomean([x for x, _ in dets]):.2f} over {len(dets)}"

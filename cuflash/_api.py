@@ -442,7 +442,9 @@ def _build_plan(key, rec, sources, kind, c, like, shapes, lse_shape, fresh):
 def _fast_env():
     """(torch module or None, cupy module, get current device, raw torch stream getter)."""
     env = _mods.get("env")
-    if env is None:
+    # Rebuilt when torch was imported after the first cached call (a CuPy-only start): a torch
+    # replay must not see the torch-less environment.
+    if env is None or (env[0] is None and "torch" in sys.modules):
         cupy = _interop._cupy()
         torch = sys.modules.get("torch")
         raw = None

@@ -82,7 +82,7 @@ class Run:
     rng_offset: int = 0
     deterministic: bool = False
     num_splits: int = 0
-    path: str | None = None        # filled by dispatch: "portable" | "sm80" | "sm90"
+    path: str | None = None        # filled by dispatch: "portable" | "sm80" | "sm90" | "decode"
     scratch: dict = field(default_factory=dict)
     empty: object = None           # allocator: empty(shape, dtype_str) -> CuPy array (caller's framework)
     record: list | None = None     # when a list, every launch / memset is also appended here (plan cache)
@@ -207,8 +207,8 @@ def memset(run: Run, a) -> None:
 # Kernel files whose launch code does all its device work through ``launch`` / ``memset``. A recording
 # that launched anything else is not cached (its path may do device work that a replay would miss).
 # A path joins this list once its host code uses ``memset`` instead of direct CuPy memsets / ops.
-REPLAYABLE_FILES = frozenset({"fwd_portable.cu", "fwd_sm80.cu", "fwd_sm90.cu", "combine.cu", "bwd_portable.cu",
-                              "bwd_sm80.cu"})
+REPLAYABLE_FILES = frozenset({"fwd_portable.cu", "fwd_sm80.cu", "fwd_sm90.cu", "fwd_decode.cu", "combine.cu",
+                              "bwd_portable.cu", "bwd_sm80.cu"})
 
 # Pointer slots of a replay: the named operands, then scratch allocations in allocation order.
 SLOTS = ("q", "k", "v", "out", "lse", "alibi", "dout", "dq", "dk", "dv")
@@ -359,14 +359,18 @@ def forward_portable(run: Run) -> None:
 
 def forward(run: Run) -> None:
     """Pick the forward path for this run and launch it (``run.path`` says which ran)."""
-    from . import _launch_sm80, _launch_sm90
+    from . import _launch_decode, _launch_sm80, _launch_sm90
 
-    if _launch_sm90.supports(run):
+    if _launch_decode.supports(run):  # at most 16 rows per kv head (decoding): before the prefill paths
+        run.path = "decode"
+    elif _launch_sm90.supports(run):
         run.path = "sm90"
     else:
         run.path = "sm80" if _launch_sm80.supports(run) else "portable"
     _log.debug("cuflash: forward path=%s dtype=%s headdim=%d", run.path, run.dtype, run.headdim)
-    if run.path == "sm90":
+    if run.path == "decode":
+        _launch_decode.forward_decode(run)
+    elif run.path == "sm90":
         _launch_sm90.forward_sm90(run)
     elif run.path == "sm80":
         _launch_sm80.forward_sm80(run)

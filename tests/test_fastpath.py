@@ -197,14 +197,14 @@ def inputs(g, b, sq, sk, h, hk, d, dtype, *, offset=0, bhsd=False):
 
 CASES = {
     # name: (b, sq, sk, h, hk, d, dtype, input kwargs, attention options, expected kernel substrings)
-    "decode_split_kv": (1, 1, 4096, 32, 8, 128, "bfloat16", {}, {}, ["fwd_sm80", "fwd_combine"]),
+    "decode_split_kv": (1, 1, 4096, 32, 8, 128, "bfloat16", {}, {}, ["fwd_decode", "fwd_combine"]),
     "prefill_causal": (2, 300, 300, 4, 2, 64, "float16", {}, {"causal": True}, ["fwd_sm80"]),
     "float32_portable": (2, 37, 53, 4, 4, 32, "float32", {}, {"return_lse": True}, ["fwd_portable"]),
     "misaligned_portable": (1, 5, 70, 2, 1, 128, "bfloat16", {"offset": 8}, {}, ["fwd_portable"]),
     "strided_bhsd": (2, 40, 90, 4, 2, 96, "bfloat16", {"bhsd": True}, {"window_size": [16, 3]}, ["fwd_sm80"]),
     "options": (2, 17, 33, 4, 2, 64, "float16", {},
                 {"softmax_scale": 0.5, "softcap": 30.0, "window_size": (8, 0), "return_lse": True}, ["fwd_sm80"]),
-    "forced_splits": (1, 3, 1000, 4, 4, 64, "bfloat16", {}, {"num_splits": 3}, ["fwd_sm80", "fwd_combine"]),
+    "forced_splits": (1, 3, 1000, 4, 4, 64, "bfloat16", {}, {"num_splits": 3}, ["fwd_decode", "fwd_combine"]),
     "dropout_seed": (1, 9, 40, 2, 2, 64, "float16", {}, {"dropout_p": 0.25, "seed": 1234}, ["fwd_"]),
     "dropout_float32": (1, 9, 40, 2, 2, 64, "float32", {}, {"dropout_p": 0.25, "seed": 1234}, ["fwd_portable"]),
 }
@@ -564,7 +564,7 @@ def test_new_alignment_records_anew(gpu, validations):
     cuflash.attention(*inputs(gpu, 1, 5, 70, 2, 1, 128, "bfloat16", offset=8))
     cuflash.attention(*inputs(gpu, 1, 5, 70, 2, 1, 128, "bfloat16"))
     assert len(validations) == 4
-    assert "fwd_portable" in gpu.log[0][0] and "fwd_sm80" in gpu.log[1][0]
+    assert "fwd_portable" in gpu.log[0][0] and "fwd_decode" in gpu.log[1][0]  # 10 rows per kv head: decode
 
 
 def test_patched_dispatch_records_anew(gpu, validations, monkeypatch):
@@ -745,14 +745,14 @@ def test_replay_build_refuses_what_it_cannot_explain():
 
 def test_replayable_paths_do_all_device_work_through_launch():
     """Record / replay sees only ``launch`` and ``memset``: the paths it replays must do nothing else."""
-    from cuflash import _launch_bwd_sm80, _launch_sm90
+    from cuflash import _launch_bwd_sm80, _launch_decode, _launch_sm90
 
     for fn in (_launch.forward_portable, _launch_sm80.forward_sm80, _launch_sm90.forward_sm90,
-               _launch_bwd.backward_portable, _launch_bwd_sm80.backward_sm80):
+               _launch_decode.forward_decode, _launch_bwd.backward_portable, _launch_bwd_sm80.backward_sm80):
         src = inspect.getsource(fn)
         for forbidden in ("memset_async", ".fill(", "cupy.", "[...] =", ".copy("):
             assert forbidden not in src, (fn.__name__, forbidden)
-    assert _launch.REPLAYABLE_FILES == {"fwd_portable.cu", "fwd_sm80.cu", "fwd_sm90.cu", "combine.cu",
+    assert _launch.REPLAYABLE_FILES == {"fwd_portable.cu", "fwd_sm80.cu", "fwd_sm90.cu", "fwd_decode.cu", "combine.cu",
                                         "bwd_portable.cu", "bwd_sm80.cu"}
 
 

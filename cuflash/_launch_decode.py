@@ -1,0 +1,262 @@
+"""The decoding forward path (``kernels_cu/fwd_decode.cu``): few query rows per kv head, many keys.
+
+``supports(run)`` says whether a run takes this path: fp16/bf16 on sm_80 or newer, no dropout, at most
+``DISPATCH_MAX_ROWS`` = 16 packed rows per kv head (seqlen_q x nheads / nheads_k: one m16 tile, e.g.
+seqlen_q = 1 with a GQA group of up to 16, or up to 16 queries without GQA), 16-byte aligned rows (the
+sm80 path's rule), and ``CUFLASH_DISABLE_DECODE`` unset (``=1`` falls back to the sm90 / sm80 paths, for
+benchmarks). ``forward_decode(run)`` launches it; ``variants(arch)`` lists its kernels for precompile
+and the compile tests; ``plan(run)`` exposes the launch plan.
+
+Every warp of a block owns the same 16 rows and a share of the keys; blocks are (key slice, kv head x
+16-row block, batch). Split-KV: the key tiles of every (batch, kv head) are cut into ``splits`` slices
+(``num_splits_heuristic``: enough blocks for every SM, with enough bytes in flight per block), each
+slice writes fp32 partial outputs and LSEs in the layout ``combine.cu`` reads, and the sm80 path's
+``fwd_combine`` merges them. ``run.num_splits``: 0 = heuristic, >= 1 forced (capped at the tile count).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+from . import _config
+from ._launch import CTYPES, launch, ptr
+
+FILE = "fwd_decode.cu"
+ROWS = 16                 # rows of a block (DecodeTraits::kRows): one m16 tile
+DISPATCH_MAX_ROWS = 16    # the dispatcher sends runs with at most this many rows per kv head here
+MAX_SPLITS = 128
+HEADDIM_BUCKETS = (64, 128, 192, 256)
+_DTYPES = ("float16", "bfloat16")
+_GRID_YZ_MAX = 65535
+_COMBINE_ROWS_PER_BLOCK = 4   # fwd_combine: one warp per row, 128 threads
+SMEM_PER_SM_H100 = 228 * 1024
+
+
+@dataclass(frozen=True)
+class DecodeTile:
+    headdim_bucket: int
+    warps: int
+    stages: int               # ring of `stages` (K, V) tiles, stages - 1 loading ahead of the compute
+    warp_keys: int = 16       # keys per warp and tile
+    q_in_regs: bool = True    # Q fragments held in registers (else re-read from shared memory each tile)
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.warps
+
+    @property
+    def block_n(self) -> int:
+        """Keys per tile (all warps)."""
+        return self.warps * self.warp_keys
+
+    @property
+    def tile_bytes(self) -> int:
+        """K plus V bytes of one tile (DecodeTraits::kStageBytes)."""
+        return 4 * self.block_n * self.headdim_bucket
+
+    @property
+    def smem(self) -> int:
+        """Dynamic shared memory (DecodeTraits::kSmemBytes): Q (16 rows), the ring, the merge statistics."""
+        return 2 * ROWS * self.headdim_bucket + self.stages * self.tile_bytes + 8 * ROWS * self.warps
+
+    @property
+    def min_blocks(self) -> int:
+        """Blocks per SM the H100's 228 KB allow (at most 4): DecodeTraits::kMinBlocks, the kernel's
+        __launch_bounds__ minimum (ptxas keeps the registers within it)."""
+        return max(1, min(4, SMEM_PER_SM_H100 // (self.smem + 1024)))
+
+
+# Candidates per head-dim bucket, in order of preference: the first whose shared memory fits the
+# device's per-block limit is used (227 KB on H100/H200/B200, 163 KB on A100, 99 KB on sm86/89/120).
+# Every tile keeps stages - 2 tiles loading while a block waits for its next one, so stages >= 3.
+# Registers (NVRTC 13.0 and 13.5, sm_80 / sm_90a): d64 106 / 116, d128 177 / 189, d192 204 / 214 (Q re-read
+# from shared memory), d256 255 / 255; no spills, no stack (tests/test_decode_compile.py). NOT YET MEASURED
+# on a GPU: the choices below follow from shared memory and bytes in flight only (H100 blocks per SM /
+# bytes still loading per SM while its blocks wait):
+#   d64:  4 warps x 16 keys, 4 stages (66.5 KB): 3 blocks, 96 KB
+#   d128: 4 warps x 16 keys, 3 stages (100.5 KB): 2 blocks, 64 KB; A100: 1 block, 32 KB;
+#         sm86: 2 warps, 4 stages (68.3 KB)
+#   d192: 4 warps x 16 keys, 4 stages (198.5 KB): 1 block, 96 KB; A100: 3 stages; sm86: 2 warps, 3 stages
+#   d256: 4 warps x 16 keys, 3 stages (200.5 KB): 1 block, 64 KB; A100: 2 warps, 4 stages (136.3 KB);
+#         sm86: 1 warp, 5 stages (88.1 KB)
+DECODE_TILES = {
+    64: (DecodeTile(64, 4, 4),),
+    128: (DecodeTile(128, 4, 3), DecodeTile(128, 2, 4)),
+    192: (DecodeTile(192, 4, 4, q_in_regs=False), DecodeTile(192, 4, 3, q_in_regs=False),
+          DecodeTile(192, 2, 3, q_in_regs=False)),
+    256: (DecodeTile(256, 4, 3, q_in_regs=False), DecodeTile(256, 2, 4, q_in_regs=False),
+          DecodeTile(256, 1, 5, q_in_regs=False)),
+}
+
+
+def tile_for(headdim: int, smem_limit: int | None = None) -> DecodeTile | None:
+    """The decode tile of a head dim (1..256) within a per-block shared-memory limit (bytes; None: no
+    limit); None when none fits. ``CUFLASH_DECODE_TILE=WARPSxSTAGES[xKEYS]`` (e.g. ``4x3`` or ``2x4x32``)
+    overrides it, for tuning (such a variant is compiled on first use: it is not in ``variants``)."""
+    d = _config.bucket(headdim, HEADDIM_BUCKETS)
+    env = os.environ.get("CUFLASH_DECODE_TILE")
+    if env:
+        parts = [int(x) for x in env.lower().split("x")]
+        first = DECODE_TILES[d][0]
+        return DecodeTile(d, parts[0], parts[1], parts[2] if len(parts) > 2 else 16, first.q_in_regs)
+    return _choose_default(d, smem_limit)
+
+
+def kernel_name(dtype: str, tile: DecodeTile) -> str:
+    return (f"cuflash::fwd_decode<{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.warps}, {tile.warp_keys}, "
+            f"{tile.stages}, {'true' if tile.q_in_regs else 'false'}>")
+
+
+def _tiles(arch: str | None = None) -> list[DecodeTile]:
+    """Every tile the dispatcher can pick on GPUs of ``arch`` (None: on any GPU); none below sm_80."""
+    if arch is not None and _config.arch_number(arch) < 80:
+        return []
+    every = [t for cands in DECODE_TILES.values() for t in cands]
+    return _config.pickable(every, _choose_default, HEADDIM_BUCKETS, arch)
+
+
+def _choose_default(d: int, limit: int | None) -> DecodeTile | None:
+    for tile in DECODE_TILES[d]:
+        if limit is None or tile.smem <= limit:
+            return tile
+    return None
+
+
+def variants(arch: str | None = None) -> list[tuple[str, str]]:
+    """Every (file, name expression) this path can launch on GPUs of ``arch`` (e.g. ``"sm_90a"``; None:
+    on any GPU). The combine it launches is ``_launch_sm80``'s (listed there)."""
+    return [(FILE, kernel_name(dt, t)) for dt in _DTYPES for t in _tiles(arch)]
+
+
+# ---- support ---------------------------------------------------------------------------------------
+
+def rows_per_kv_head(run) -> int:
+    return run.seqlen_q * (run.nheads // run.nheads_k)
+
+
+def _device_limits(device_id: int) -> tuple[int, int, int]:
+    """(SMs, shared memory per block, shared memory per SM) of a device; H100 numbers without one."""
+    from . import _launch_sm80
+
+    try:
+        return (_launch_sm80.num_sms(device_id), _launch_sm80.smem_per_block_optin(device_id),
+                _launch_sm80._device_attr(device_id, "cudaDevAttrMaxSharedMemoryPerMultiprocessor"))
+    except Exception:  # no device query possible
+        return 132, 227 * 1024, SMEM_PER_SM_H100
+
+
+def _tile(run) -> DecodeTile | None:
+    return tile_for(run.headdim, _device_limits(run.device_id)[1])
+
+
+def supports(run) -> bool:
+    """True when this path runs ``run`` (else the sm90 / sm80 / portable paths)."""
+    if os.environ.get("CUFLASH_DISABLE_DECODE") == "1":
+        return False
+    if run.dtype not in _DTYPES or _config.arch_number(run.arch) < 80 or run.dropout_p > 0:
+        return False
+    if not 1 <= run.headdim <= 256:
+        return False
+    if min(run.batch, run.seqlen_q, run.seqlen_k, run.nheads, run.nheads_k) < 1:
+        return False
+    if rows_per_kv_head(run) > DISPATCH_MAX_ROWS:
+        return False
+    m_blocks = -(-rows_per_kv_head(run) // ROWS)
+    if run.batch > _GRID_YZ_MAX or run.nheads_k * m_blocks > _GRID_YZ_MAX:
+        return False
+    from ._launch_sm80 import _rows_16b_aligned
+
+    if not all(_rows_16b_aligned(a) for a in (run.q, run.k, run.v, run.out)):
+        return False
+    return _tile(run) is not None
+
+
+# ---- split-KV heuristic ----------------------------------------------------------------------------
+
+# Costs in units of one tile's streaming time: a block's fixed cost (its first load's latency, the
+# merge epilogue) and the combine launch that any split adds. To measure.
+BLOCK_COST_TILES = 1.0
+COMBINE_COST_TILES = 1.0
+SPLIT_COST_SLACK = 0.05
+
+
+@functools.lru_cache(maxsize=4096)
+def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = MAX_SPLITS) -> int:
+    """Key slices per (batch, kv head, row block) so that the blocks fill the GPU.
+
+    ``ctas``: blocks without splitting; ``slots``: SMs x blocks per SM; ``n_tiles``: key tiles of a
+    block. The time of s slices is modelled as waves x (tiles per slice + BLOCK_COST_TILES), plus
+    COMBINE_COST_TILES when s > 1, with waves = ceil(ctas s / slots): every SM streams its blocks
+    concurrently and memory, not compute, bounds a tile. Only counts whose slices all hold tiles are
+    tried (ceil(n / ceil(n / s)) == s). The fewest slices whose cost is within SPLIT_COST_SLACK of the
+    cheapest win: more slices write and combine more fp32 partials, which the model leaves out (e.g.
+    64 blocks x 2048 tiles on 264 slots: 4 slices, one 97%-full wave, rather than 41 in ten waves
+    for 0.6% less modelled time).
+    """
+    if n_tiles <= 1 or ctas < 1:
+        return 1
+    costs = []
+    for s in range(1, min(max_splits, n_tiles) + 1):
+        per = -(-n_tiles // s)
+        if -(-n_tiles // per) != s:
+            continue
+        waves = -(-ctas * s // slots)
+        costs.append((waves * (per + BLOCK_COST_TILES) + (COMBINE_COST_TILES if s > 1 else 0.0), s))
+    best = min(c for c, _ in costs)
+    return min(s for c, s in costs if c <= best * (1 + SPLIT_COST_SLACK))
+
+
+def key_tiles(run, block_n: int) -> int:
+    """Key tiles some row keeps (the window clips the range: sliding-window decoding splits only the
+    window). The kernel derives each block's range the same way (fwd_decode.cu)."""
+    sq, sk = run.seqlen_q, run.seqlen_k
+    left, right = run.window
+    shift = sk - sq
+    lo = 0 if left < 0 or left >= sk else max(0, shift - left)
+    hi = sk - 1 if right < 0 or right >= sq else min(sk - 1, sq - 1 + shift + right)
+    if hi < lo:
+        return 0
+    return hi // block_n - lo // block_n + 1
+
+
+def plan(run, tile: DecodeTile | None = None) -> dict:
+    """Launch plan: tile, row blocks, grid, splits, blocks per SM (exposed for tests and benchmarks)."""
+    tile = tile or _tile(run)
+    m_blocks = -(-rows_per_kv_head(run) // ROWS)
+    n_tiles = key_tiles(run, tile.block_n)
+    sms, _, smem_sm = _device_limits(run.device_id)
+    per_sm = max(1, min(tile.min_blocks, smem_sm // (tile.smem + 1024)))
+    ctas = run.batch * run.nheads_k * m_blocks
+    if run.num_splits >= 1:
+        splits = run.num_splits
+    else:
+        splits = num_splits_heuristic(ctas, sms * per_sm, n_tiles)
+    splits = max(1, min(splits, n_tiles, MAX_SPLITS))
+    return {"tile": tile, "m_blocks": m_blocks, "n_tiles": n_tiles, "splits": splits, "blocks_per_sm": per_sm,
+            "grid": (splits, run.nheads_k * m_blocks, run.batch)}
+
+
+# ---- launch ----------------------------------------------------------------------------------------
+
+def forward_decode(run, tile: DecodeTile | None = None) -> None:
+    """Launch the decoding forward (and the split-KV combine when it splits)."""
+    from ._launch_sm80 import COMBINE_FILE, _empty, combine_name
+
+    pl = plan(run, tile)
+    tile, splits = pl["tile"], pl["splits"]
+    extra = {"num_splits": splits, "flags": 0}
+    if splits > 1:
+        ldo = -(-run.headdim // 8) * 8
+        o_part = _empty(run, (splits, run.batch, run.nheads, run.seqlen_q, ldo), "float32")
+        lse_part = _empty(run, (splits, run.batch, run.nheads, run.seqlen_q), "float32")
+        run.scratch["o_partial"], run.scratch["lse_partial"] = o_part, lse_part  # alive until enqueued
+        extra["o_partial"], extra["lse_partial"] = ptr(o_part), ptr(lse_part)
+    params = run.params(**extra)
+    launch(run, FILE, kernel_name(run.dtype, tile), pl["grid"], (tile.threads,), params, tile.smem)
+    if splits > 1:
+        rows = run.batch * run.nheads * run.seqlen_q
+        launch(run, COMBINE_FILE, combine_name(run.dtype), (-(-rows // _COMBINE_ROWS_PER_BLOCK),), (128,),
+               params)
+
