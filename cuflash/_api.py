@@ -444,7 +444,7 @@ def _fast_env():
     env = _mods.get("env")
     # Rebuilt when torch was imported after the first cached call (a CuPy-only start): a torch
     # replay must not see the torch-less environment.
-    if env is None or (env[0] is None and "torch" in sys.modules):
+    if env is None or (env[0] is None and env is _mods.get("env_built") and "torch" in sys.modules):
         cupy = _interop._cupy()
         torch = sys.modules.get("torch")
         raw = None
@@ -453,7 +453,7 @@ def _fast_env():
             if raw is None:  # pragma: no cover - older torch
                 def raw(d, _t=torch):
                     return _t.cuda.current_stream(d).cuda_stream
-        env = _mods["env"] = (torch, cupy, cupy.cuda.runtime.getDevice, raw)
+        env = _mods["env"] = _mods["env_built"] = (torch, cupy, cupy.cuda.runtime.getDevice, raw)
     return env
 
 
