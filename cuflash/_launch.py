@@ -181,6 +181,17 @@ def _maps_arg(blob: bytes):
     return np.frombuffer(blob, dtype=np.dtype((np.void, len(blob))))[0]
 
 
+def empty(run, shape, dtype: str):
+    """A scratch array for ``run``: from the caller framework's allocator (``run.empty``) when it has one,
+    else CuPy on the run's device. Keep it alive (``run.scratch``) until its launches are enqueued."""
+    if getattr(run, "empty", None) is not None:
+        return run.empty(tuple(shape), dtype)
+    import cupy
+
+    with cupy.cuda.Device(run.device_id):
+        return cupy.empty(tuple(shape), dtype)
+
+
 def memset(run: Run, a) -> None:
     """Zero the CuPy array ``a`` (contiguous) on the run's stream; recorded like a launch.
 

@@ -292,15 +292,6 @@ def plan(run: Run, splits: int | None = None, tile: Sm80BwdTile | None = None) -
 
 # ---- launch ----------------------------------------------------------------------------------------
 
-def _empty(run: Run, shape, dtype: str):
-    if getattr(run, "empty", None) is not None:
-        return run.empty(tuple(shape), dtype)
-    import cupy
-
-    with cupy.cuda.Device(run.device_id):
-        return cupy.empty(tuple(shape), dtype)
-
-
 def backward_sm80(run: Run, splits: int | None = None, tile: Sm80BwdTile | None = None) -> None:
     """dq, dk, dv of ``run`` (views with the caller's strides) through the tensor-core kernels.
 
@@ -308,8 +299,8 @@ def backward_sm80(run: Run, splits: int | None = None, tile: Sm80BwdTile | None 
     pl = plan(run, splits, tile)
     tile, names = pl["tile"], pl["names"]
     b, h, sq_pad = run.batch, run.nheads, pl["sq_pad"]
-    vec = _empty(run, (2, b, h, sq_pad), "float32")
-    dq_accum = _empty(run, (pl["splits"], b, h, sq_pad, tile.headdim_bucket), "float32")
+    vec = _launch.empty(run, (2, b, h, sq_pad), "float32")
+    dq_accum = _launch.empty(run, (pl["splits"], b, h, sq_pad, tile.headdim_bucket), "float32")
     run.scratch["bwd_sm80_vec"] = vec            # kept alive with the run (the launches are asynchronous)
     run.scratch["bwd_sm80_dq_accum"] = dq_accum
     _launch.memset(run, dq_accum)  # through the launch layer, so the fast path records and replays it

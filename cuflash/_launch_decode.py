@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 
 from . import _config
-from ._launch import CTYPES, launch, ptr
+from ._launch import CTYPES, launch
 
 FILE = "fwd_decode.cu"
 ROWS = 16                 # rows of a block (DecodeTraits::kRows): one m16 tile
@@ -30,7 +30,6 @@ MAX_SPLITS = 128
 HEADDIM_BUCKETS = (64, 128, 192, 256)
 _DTYPES = ("float16", "bfloat16")
 _GRID_YZ_MAX = 65535
-_COMBINE_ROWS_PER_BLOCK = 4   # fwd_combine: one warp per row, 128 threads
 SMEM_PER_SM_H100 = 228 * 1024
 
 
@@ -242,21 +241,15 @@ def plan(run, tile: DecodeTile | None = None) -> dict:
 
 def forward_decode(run, tile: DecodeTile | None = None) -> None:
     """Launch the decoding forward (and the split-KV combine when it splits)."""
-    from ._launch_sm80 import COMBINE_FILE, _empty, combine_name
+    from ._launch_sm80 import launch_combine, split_partials
 
     pl = plan(run, tile)
     tile, splits = pl["tile"], pl["splits"]
     extra = {"num_splits": splits, "flags": 0}
     if splits > 1:
-        ldo = -(-run.headdim // 8) * 8
-        o_part = _empty(run, (splits, run.batch, run.nheads, run.seqlen_q, ldo), "float32")
-        lse_part = _empty(run, (splits, run.batch, run.nheads, run.seqlen_q), "float32")
-        run.scratch["o_partial"], run.scratch["lse_partial"] = o_part, lse_part  # alive until enqueued
-        extra["o_partial"], extra["lse_partial"] = ptr(o_part), ptr(lse_part)
+        extra.update(split_partials(run, splits))
     params = run.params(**extra)
     launch(run, FILE, kernel_name(run.dtype, tile), pl["grid"], (tile.threads,), params, tile.smem)
     if splits > 1:
-        rows = run.batch * run.nheads * run.seqlen_q
-        launch(run, COMBINE_FILE, combine_name(run.dtype), (-(-rows // _COMBINE_ROWS_PER_BLOCK),), (128,),
-               params)
+        launch_combine(run, params)
 

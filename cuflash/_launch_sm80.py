@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from . import _config
-from ._launch import CTYPES, PARAMS_DTYPE, launch, ptr
+from ._launch import CTYPES, PARAMS_DTYPE, empty, launch, ptr
 
 FWD_FILE = "fwd_sm80.cu"
 COMBINE_FILE = "combine.cu"
@@ -184,26 +184,28 @@ def forward_sm80(run) -> None:
     tile, splits = pl["tile"], pl["splits"]
     extra = {"num_splits": splits, "flags": (FLAG_PACK_GQA | (pl["pack"] << 8)) if pl["pack"] > 1 else 0}
     if splits > 1:
-        ldo = -(-run.headdim // 8) * 8
-        o_part = _empty(run, (splits, run.batch, run.nheads, run.seqlen_q, ldo), "float32")
-        lse_part = _empty(run, (splits, run.batch, run.nheads, run.seqlen_q), "float32")
-        run.scratch["o_partial"], run.scratch["lse_partial"] = o_part, lse_part  # alive until enqueued
-        extra["o_partial"], extra["lse_partial"] = ptr(o_part), ptr(lse_part)
+        extra.update(split_partials(run, splits))
     params = run.params(**extra)
     launch(run, FWD_FILE, kernel_name(run.dtype, tile, run.dropout_p > 0), pl["grid"], (tile.threads,), params,
            tile.smem)
     if splits > 1:
-        rows = run.batch * run.nheads * run.seqlen_q
-        launch(run, COMBINE_FILE, combine_name(run.dtype), (-(-rows // _COMBINE_ROWS_PER_BLOCK),), (128,),
-               params)
+        launch_combine(run, params)
 
 
-def _empty(run, shape, dtype: str):
-    if getattr(run, "empty", None) is not None:
-        return run.empty(tuple(shape), dtype)
-    import cupy
+def split_partials(run, splits: int) -> dict:
+    """Split-KV scratch of a forward (fp32 partial outputs and LSEs, combine.cu's layout), kept alive in
+    ``run.scratch``; returns the Params fields that point at it (fwd_sm80.cu and fwd_decode.cu)."""
+    ldo = -(-run.headdim // 8) * 8
+    o_part = empty(run, (splits, run.batch, run.nheads, run.seqlen_q, ldo), "float32")
+    lse_part = empty(run, (splits, run.batch, run.nheads, run.seqlen_q), "float32")
+    run.scratch["o_partial"], run.scratch["lse_partial"] = o_part, lse_part  # alive until enqueued
+    return {"o_partial": ptr(o_part), "lse_partial": ptr(lse_part)}
 
-    return cupy.empty(tuple(shape), dtype)
+
+def launch_combine(run, params) -> None:
+    """combine.cu over the partials ``split_partials`` made (after the forward that wrote them)."""
+    rows = run.batch * run.nheads * run.seqlen_q
+    launch(run, COMBINE_FILE, combine_name(run.dtype), (-(-rows // _COMBINE_ROWS_PER_BLOCK),), (128,), params)
 
 
 def merge_partials(run_like, outs, lses, out, lse) -> None:
@@ -231,8 +233,8 @@ def merge_partials(run_like, outs, lses, out, lse) -> None:
         raise ValueError("cuflash: merge lse output must be contiguous")
     ldo = -(-d // 8) * 8
     with cupy.cuda.Device(run_like.device_id), run_like.stream:
-        o_part = _empty(run_like, (n, b, h, sq, ldo), "float32")
-        lse_part = _empty(run_like, (n, b, h, sq), "float32")
+        o_part = empty(run_like, (n, b, h, sq, ldo), "float32")
+        lse_part = empty(run_like, (n, b, h, sq), "float32")
         for i, (o, l) in enumerate(zip(outs, lses)):
             o_part[i, :, :, :, :d] = o.transpose(0, 2, 1, 3)
             lse_part[i] = l

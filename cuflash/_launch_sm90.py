@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from . import _tma
-from ._launch import CTYPES, launch, memset, ptr
+from ._launch import CTYPES, empty, launch, memset, ptr
 
 FILE = "fwd_sm90.cu"
 _DTYPES = ("float16", "bfloat16")
@@ -168,7 +168,7 @@ def forward_sm90(run, tile: Sm90Tile | None = None) -> None:
         except Exception:
             sms = 132
         grid = (min(tiles, sms), 1, 1)
-        counter = _empty(run, (1,), "int32")
+        counter = empty(run, (1,), "int32")
         run.scratch["sm90_tile_counter"] = counter  # alive until the launch is enqueued
         memset(run, counter)  # through the launch layer: the plan cache replays it
         extra["counters"] = ptr(counter)
@@ -177,11 +177,3 @@ def forward_sm90(run, tile: Sm90Tile | None = None) -> None:
     launch(run, FILE, kernel_name(run.dtype, tile), grid, (tile.threads,), run.params(**extra), tile.smem,
            maps=_specs(run, tile))
 
-
-def _empty(run, shape, dtype: str):
-    if getattr(run, "empty", None) is not None:
-        return run.empty(tuple(shape), dtype)
-    import cupy
-
-    with cupy.cuda.Device(run.device_id):
-        return cupy.empty(tuple(shape), dtype)

@@ -30,7 +30,7 @@
 //   * No dropout (the dispatcher routes dropout to the sm80 path).
 //   * Registers: O takes D / 2 per thread, and ptxas fills the rest with ldmatrix fragments issued ahead
 //     (d 256: 255 registers). Values needed only by rare branches (mask, ALiBi), the tile loads and the
-//     epilogue are recomputed there from Params and the special registers (decode::sreg_*, block_pos)
+//     epilogue are recomputed there from Params and the special registers (sreg_*, block_pos)
 //     rather than held across the loop, as in fwd_sm80.cu. tests/test_decode_compile.py checks 0 spills
 //     and 0 stack for every variant on sm_80 and sm_90a.
 #include "mask.cuh"
@@ -120,22 +120,6 @@ __device__ __forceinline__ void load_kv(u32 sdst, const T* base, i64 rstride, in
             sm80::cp_async_16(sdst + (u32)(blk * R * 128 + rr * 128 + ((c ^ (rr & 7)) << 4)), src + cp.off[blk],
                               ok ? cp.bytes[blk] : 0);
     }
-}
-
-// Special registers read afresh (volatile: never merged with the kernel-entry reads), so that values
-// needed only by rare branches, the tile loads or the epilogue are recomputed there instead of being
-// held, or spilled, across the main loop (as in fwd_sm80.cu).
-__device__ __forceinline__ int sreg_tid() {
-    int x;
-    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(x));
-    return x;
-}
-__device__ __forceinline__ int3 sreg_ctaid() {
-    int3 c;
-    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(c.x));
-    asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(c.y));
-    asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(c.z));
-    return c;
 }
 
 // Where a block sits: kv head hk, its packed rows [m0, m0 + 16) of M = seqlen_q x group (row r: query
@@ -228,8 +212,8 @@ fwd_decode(const Params p) {
     // registers (a few dozen integer operations) rather than held across the loop (d 256 spilled then).
     auto issue = [&](int j, int slot) {
         if (j < n_iter) {
-            const int t = decode::sreg_tid();
-            const decode::Pos f = decode::block_pos(p, decode::sreg_ctaid());
+            const int t = sreg_tid();
+            const decode::Pos f = decode::block_pos(p, sreg_ctaid());
             const T* kbase = (const T*)p.k + (i64)f.b * p.k_batch_stride + (i64)f.hk * p.k_head_stride;
             const T* vbase = (const T*)p.v + (i64)f.b * p.v_batch_stride + (i64)f.hk * p.v_head_stride;
             const decode::ColPlan<D / 64> cplan(p.headdim, t);
@@ -324,8 +308,8 @@ fwd_decode(const Params p) {
                     for (int e = 0; e < 4; ++e) s[0][nt][e] *= p.scale_log2;
             }
             if (p.alibi != nullptr) {
-                const decode::Pos f = decode::block_pos(p, decode::sreg_ctaid());
-                const int ft = decode::sreg_tid();
+                const decode::Pos f = decode::block_pos(p, sreg_ctaid());
+                const int ft = sreg_tid();
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const int qi = frag_query(f, ft, h);
@@ -346,8 +330,8 @@ fwd_decode(const Params p) {
 
         // Mask: only sub-tiles crossing seqlen_k or a window / causal edge of some row of the block.
         if (kw0 + WKEYS - 1 > right_lim || kw0 < left_lim) {
-            const decode::Pos f = decode::block_pos(p, decode::sreg_ctaid());
-            const int ft = decode::sreg_tid();
+            const decode::Pos f = decode::block_pos(p, sreg_ctaid());
+            const int ft = sreg_tid();
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int ipos = frag_query(f, ft, h) + p.seqlen_k - p.seqlen_q;
@@ -390,8 +374,8 @@ fwd_decode(const Params p) {
     __syncthreads();     // every warp is done with the ring: it becomes the merge buffer
 
     // Positions recomputed from the special registers (nothing held across the loop for this).
-    const decode::Pos f = decode::block_pos(p, decode::sreg_ctaid());
-    const int ft = decode::sreg_tid();
+    const decode::Pos f = decode::block_pos(p, sreg_ctaid());
+    const int ft = sreg_tid();
     const int fwarp = ft >> 5, fg = (ft & 31) >> 2, ftq = ft & 3;
     const u32 fsRing = smem_addr(smem) + Tr::kQBytes, fsStats = fsRing + Tr::kRingBytes;
     constexpr u32 kStatL = (u32)(Tr::kWarps * kRows * 4);  // offset of the l values in the stats area
@@ -464,7 +448,7 @@ fwd_decode(const Params p) {
         } else {
             // fp32 O of this slice, normalised by the slice's own l (o_partial rows are ldo >= col + 8
             // floats long, so the whole chunk is written; columns past headdim hold zeros).
-            const i64 prow = (((i64)decode::sreg_ctaid().x * p.batch + f.b) * p.nheads + head) * p.seqlen_q + qi;
+            const i64 prow = (((i64)sreg_ctaid().x * p.batch + f.b) * p.nheads + head) * p.seqlen_q + qi;
             float* dst = p.o_partial + prow * ldo + col;
             decode::stg_f32x4(dst, make_float4(o[0], o[1], o[2], o[3]));
             decode::stg_f32x4(dst + 4, make_float4(o[4], o[5], o[6], o[7]));

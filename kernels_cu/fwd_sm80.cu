@@ -145,22 +145,6 @@ __device__ __forceinline__ void load_tile_full(u32 sdst, const T* rp8, const T* 
     }
 }
 
-// Special registers read afresh (volatile: never merged with the kernel-entry reads), so that values
-// needed only by rare branches or the epilogue are recomputed there instead of being held, or
-// spilled, across the main loop.
-__device__ __forceinline__ int sreg_tid() {
-    int x;
-    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(x));
-    return x;
-}
-__device__ __forceinline__ int3 sreg_ctaid() {
-    int3 c;
-    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(c.x));
-    asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(c.y));
-    asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(c.z));
-    return c;
-}
-
 // Where a block sits: its packed query rows [m0, m0 + BM) (of M = seqlen_q * pack), its key-range
 // slice, its head group hy and batch b. The pack factor comes from the host in Params::flags
 // (bit 0 set: packed, pack = flags >> 8), so no division by a run-time value is needed here.

@@ -73,15 +73,30 @@ constexpr int kSchedOverlap = 1;  // S(j), O += P(j-1) V(j-1); wait S(j); softma
 constexpr int kSchedBatched = 2;  // O += P(j-1) V(j-1), S(j) in one commit group; wait; softmax(j)
 constexpr int kBarEpilogue = 8;  // named barriers 8 .. 8 + NWG - 1: one per consumer warpgroup
 
+// Key tiles visited for the query rows m0 .. m0 + bm - 1: nb_hi - 1 down to nb_lo (any row of the block
+// keeps a key in them; first_key / last_key are non-decreasing in the query). The scalars come from the
+// caller: the producer and the consumers read them differently (see there).
+template <int BN>
+__device__ __forceinline__ void key_tile_range(int m0, int bm, int sq, int sk, int wl, int wr, int& nb_lo, int& nb_hi) {
+    const int shift = sk - sq;
+    const int i_last = min(m0 + bm, sq) - 1;
+    const int key_lo = wl < 0 ? 0 : max(0, m0 + shift - wl);
+    const int key_hi = wr < 0 ? sk - 1 : min(sk - 1, i_last + shift + wr);  // inclusive
+    nb_lo = key_lo / BN;
+    nb_hi = key_hi < key_lo ? nb_lo : key_hi / BN + 1;
+}
+
 // Work tile t (0 .. num_tiles - 1) -> query block and (batch, head): head-major, and within a head
 // the query blocks last to first (for causal masks the heaviest first). Consecutive tiles share K / V
 // (L2 reuse), and the lightest tiles of the last head come last.
 struct TileCoord {
     int m0, h, b;
 };
+// (Unsigned arithmetic: shorter divisions, and the producer has few registers.)
 __device__ __forceinline__ TileCoord tile_coord(int t, int num_m, int nheads, int bm) {
-    const int bh = t / num_m;
-    return TileCoord{(num_m - 1 - (t - bh * num_m)) * bm, bh % nheads, bh / nheads};
+    const u32 bh = (u32)t / (u32)num_m;
+    return TileCoord{(int)((u32)num_m - 1 - ((u32)t - bh * (u32)num_m)) * bm, (int)(bh % (u32)nheads),
+                     (int)(bh / (u32)nheads)};
 }
 
 }  // namespace sm90
@@ -159,7 +174,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
     if (wg == 0) {
         // ---- producer ---------------------------------------------------------------------------------
         setmaxnreg_dec<Tr::kProducerRegs>();
-        if (sreg_tid_x() == 0) {
+        if (sreg_tid() == 0) {
             // The producer keeps only its counters across tiles (32 - 40 registers): the problem
             // scalars are re-read per tile from a copy in shared memory (volatile, so that the
             // compiler neither hoists nor spills them; a volatile read of the __grid_constant__
@@ -178,22 +193,12 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     mbar_arrive(tile_full(n & 1));  // release: the slot write is visible to the waiters
                 }
                 const int sq = fresh(0), sk = fresh(1), nheads = fresh(2);
-                const u32 num_m = (u32)(sq + kBM - 1) / kBM;
-                if ((u32)tile >= num_m * (u32)nheads * (u32)fresh(4)) break;
-                const u32 bh = (u32)tile / num_m;
-                const int m0 = (int)(num_m - 1 - ((u32)tile - bh * num_m)) * kBM;
-                const int h = (int)(bh % (u32)nheads), b = (int)(bh / (u32)nheads);
-                const int hk = (int)((u32)h / (u32)(nheads / fresh(3)));
+                const int num_m = (int)((u32)(sq + kBM - 1) / kBM);
+                if ((u32)tile >= (u32)num_m * (u32)nheads * (u32)fresh(4)) break;
+                const TileCoord tc = tile_coord(tile, num_m, nheads, kBM);
+                const int hk = (int)((u32)tc.h / (u32)(nheads / fresh(3)));
                 int nb_lo, nb_hi;
-                {   // as key_tiles() of the consumers
-                    const int wl = fresh(5), wr = fresh(6), shift = sk - sq;
-                    const int i_last = min(m0 + kBM, sq) - 1;
-                    const int key_lo = wl < 0 ? 0 : max(0, m0 + shift - wl);
-                    const int key_hi = wr < 0 ? sk - 1 : min(sk - 1, i_last + shift + wr);  // inclusive
-                    nb_lo = key_lo / BN;
-                    nb_hi = key_hi < key_lo ? nb_lo : key_hi / BN + 1;
-                }
-                const TileCoord tc{m0, h, b};
+                key_tile_range<BN>(tc.m0, kBM, sq, sk, fresh(5), fresh(6), nb_lo, nb_hi);
                 for (int it = 0; it < nb_hi - nb_lo; ++it, ++g) {
                     const int s = g % STAGES;
                     const u32 ph = (g / STAGES) & 1;
@@ -237,16 +242,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
     const int wl = p.window_left, wr = p.window_right;
     const int num_m = (sq + kBM - 1) / kBM;
     const int num_tiles = num_m * p.nheads * p.batch;
-    // Key tiles visited for a block of rows m0 .. m0 + kBM - 1: nb_hi - 1 down to nb_lo (any row of
-    // the block keeps a key in them; first_key / last_key are non-decreasing in the query).
-    auto key_tiles = [&](int m0, int& nb_lo, int& nb_hi) {
-        const int i_last = min(m0 + kBM, sq) - 1;
-        const int key_lo = wl < 0 ? 0 : max(0, m0 + shift - wl);
-        const int key_hi = wr < 0 ? sk - 1 : min(sk - 1, i_last + shift + wr);  // inclusive
-        nb_lo = key_lo / BN;
-        nb_hi = key_hi < key_lo ? nb_lo : key_hi / BN + 1;
-    };
-    const int tid = sreg_tid_x(), lane = tid & 31;  // re-derived: nothing stays live across setmaxnreg
+    const int tid = sreg_tid(), lane = tid & 31;  // re-derived: nothing stays live across setmaxnreg
     const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
     const int cw = (warp >> 2) - 1;                                // consumer index: rows 64 cw .. 64 cw + 63
     const int wrow = 16 * (warp & 3) + (lane >> 2);       // fragment row (half 0) within the 64
@@ -285,7 +281,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
         const TileCoord tc = tile_coord(tile, num_m, p.nheads, kBM);
         const int h = tc.h, b = tc.b;
         int nb_lo, nb_hi;
-        key_tiles(tc.m0, nb_lo, nb_hi);
+        key_tile_range<BN>(tc.m0, kBM, sq, sk, wl, wr, nb_lo, nb_hi);
         const int n_iter = nb_hi - nb_lo;
         const int r0 = tc.m0 + 64 * cw;  // first query row of this warpgroup
         // Tiles that need the mask for some row of this warpgroup: keys past the smallest last_key or

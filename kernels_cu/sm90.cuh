@@ -103,24 +103,6 @@ __device__ __forceinline__ u64 smem_desc_sw128(u32 addr, u32 lbo, u32 sbo) {
 }
 
 // ---- registers and barriers -----------------------------------------------------------------------
-// Fresh reads of the special registers (volatile: never merged with an earlier read), so that a role
-// of a warp-specialised kernel re-derives its indices after setmaxnreg instead of keeping them live
-// (and spilled) across the register-count change.
-__device__ __forceinline__ int sreg_tid_x() {
-    int r;
-    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ int sreg_nctaid_x() {
-    int r;
-    asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ int sreg_ctaid_x() {
-    int r;
-    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(r));
-    return r;
-}
 template <int R>
 __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(R));

@@ -64,4 +64,32 @@ template <> __device__ __forceinline__ void unpack2<bf16_t>(u32 r, float& lo, fl
     hi = __uint_as_float(r & 0xffff0000u);
 }
 
+// ---- special registers read afresh ----------------------------------------------------------------
+// volatile: never merged with an earlier read, so that values needed only by rare branches, the tile
+// loads or the epilogue (fwd_sm80.cu, fwd_decode.cu), or by one role of a warp-specialised kernel after
+// its setmaxnreg (fwd_sm90.cu), are recomputed where used instead of being held, or spilled, across the
+// main loop or the register-count change.
+__device__ __forceinline__ int sreg_tid() {
+    int x;
+    asm volatile("mov.u32 %0, %%tid.x;" : "=r"(x));
+    return x;
+}
+__device__ __forceinline__ int3 sreg_ctaid() {
+    int3 c;
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(c.x));
+    asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(c.y));
+    asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(c.z));
+    return c;
+}
+__device__ __forceinline__ int sreg_ctaid_x() {
+    int x;
+    asm volatile("mov.u32 %0, %%ctaid.x;" : "=r"(x));
+    return x;
+}
+__device__ __forceinline__ int sreg_nctaid_x() {
+    int x;
+    asm volatile("mov.u32 %0, %%nctaid.x;" : "=r"(x));
+    return x;
+}
+
 }  // namespace cuflash
