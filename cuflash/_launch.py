@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import _compile, _config
+from . import _compile, _config, reference
 
 _log = logging.getLogger("cuflash")
 
@@ -140,7 +140,7 @@ class Run:
         p["softcap"] = self.softcap
         p["dropout_p"] = self.dropout_p
         p["dropout_scale"] = 1.0 / (1.0 - self.dropout_p)
-        p["dropout_threshold"] = min(int(round(self.dropout_p * 2.0**32)), 2**32 - 1)
+        p["dropout_threshold"] = reference.dropout_threshold(self.dropout_p)  # the 16-bit rule, philox.cuh
         p["seed"], p["rng_offset"] = self.seed, self.rng_offset
         p["num_splits"] = max(1, self.num_splits)
         p["deterministic"] = int(self.deterministic)

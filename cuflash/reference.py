@@ -667,8 +667,11 @@ def philox4x32_10(counter, key):
 
 
 def dropout_threshold(p: float) -> int:
-    """Keep iff the 32-bit draw >= this threshold (probability 1 - p)."""
-    return min(int(round(float(p) * 2.0**32)), 2**32 - 1)
+    """Keep iff the 16-bit draw >= this threshold: ``min(round(p * 65536), 65535)`` (Python's round: to
+    nearest, ties to even), so the keep probability ``1 - threshold / 65536`` is within 2**-17 of ``1 - p``
+    for ``p < 1 - 2**-17`` (beyond, 2**-16 of the entries are kept). The kernels get this value from the
+    host (``Params::dropout_threshold``)."""
+    return min(int(round(float(p) * 65536.0)), 65535)
 
 
 def _dropout_block(seed, offset, nheads, p, b_idx, h_idx, i0, i1, j0, j1):
@@ -676,14 +679,18 @@ def _dropout_block(seed, offset, nheads, p, b_idx, h_idx, i0, i1, j0, j1):
     b = np.asarray(b_idx, np.int64)[:, None, None, None]
     h = np.asarray(h_idx, np.int64)[None, :, None, None]
     i = np.arange(i0, i1, dtype=np.int64)[None, None, :, None]
-    j = np.arange(j0, j1, dtype=np.int64)[None, None, None, :]
     seed, offset = int(seed), int(offset)
-    counter = (j >> 2, i, b * nheads + h, np.int64(offset & 0xFFFFFFFF))
+    # one call per aligned group of 8 keys of a row: the groups g0 .. g1 - 1 cover keys j0 .. j1 - 1
+    g0 = j0 >> 3
+    g1 = max(g0, (j1 + 7) >> 3)
+    g = np.arange(g0, g1, dtype=np.int64)[None, None, None, :]
+    counter = (g, i, b * nheads + h, np.int64(offset & 0xFFFFFFFF))
     key = (seed & 0xFFFFFFFF, ((seed >> 32) ^ (offset >> 32)) & 0xFFFFFFFF)
-    words = philox4x32_10(np.broadcast_arrays(*counter), key)
-    sel = (j & 3)
-    draw = np.choose(np.broadcast_to(sel, words[0].shape), words)
-    return draw >= np.uint32(dropout_threshold(p))
+    words = np.stack(philox4x32_10(np.broadcast_arrays(*counter), key), axis=-1)  # (..., groups, 4)
+    draws = np.stack([words & np.uint32(0xFFFF), words >> np.uint32(16)], axis=-1)  # (..., groups, 4, 2)
+    # key 8 g + 2 k + e: draw e of word k of group g
+    draws = draws.reshape(draws.shape[:-3] + (8 * (g1 - g0),))[..., j0 - 8 * g0: j1 - 8 * g0]
+    return draws >= np.uint32(dropout_threshold(p))
 
 
 class DropoutMask:
@@ -733,8 +740,12 @@ class DropoutMask:
 def dropout_mask(seed, batch, nheads, seqlen_q, seqlen_k, p, offset=0):
     """The kernels' dropout mask for (seed, offset): bool (batch, nheads, seqlen_q, seqlen_k), True = kept.
 
-    Element (b, h, i, j) is kept iff word ``j % 4`` of Philox-4x32-10 with counter
-    ``(j // 4, i, b * nheads + h, offset mod 2**32)`` and key ``(seed mod 2**32, (seed >> 32) ^ (offset >> 32))``
-    is ``>= round(p * 2**32)``. The result is lazy: slice it, or ``np.asarray`` it for the whole matrix.
+    One Philox-4x32-10 call per 8 keys of a row: counter ``(j // 8, i, b * nheads + h, offset mod 2**32)``,
+    key ``(seed mod 2**32, (seed >> 32) ^ (offset >> 32))``. Element (b, h, i, j) takes the 16-bit draw
+    ``(word[(j % 8) // 2] >> (16 * (j % 2))) & 0xFFFF`` (low half for even j, high half for odd j) and is
+    kept iff ``draw >= dropout_threshold(p) = min(round(p * 65536), 65535)``: keep probability
+    ``1 - threshold / 65536``, within 2**-17 of ``1 - p`` (for ``p < 1 - 2**-17``). Kept entries are scaled by
+    ``1 / (1 - p)`` (as FlashAttention), so the expectation of a dropped-and-scaled weight is off by at most
+    ``2**-17 / (1 - p)`` relative. The result is lazy: slice it, or ``np.asarray`` it for the whole matrix.
     """
     return DropoutMask(seed, batch, nheads, seqlen_q, seqlen_k, p, offset)

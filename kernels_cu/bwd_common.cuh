@@ -52,11 +52,6 @@ __device__ __forceinline__ u32 group_or(u32 x) {
     return x;
 }
 
-// Keep bits of the 4 keys j0..j0+3 of one Philox call (bit t: key j0 + t is kept), as the forward.
-__device__ __forceinline__ u32 dropout_keep_bits4(const Params& p, const Philox4& r) {
-    return (u32)dropout_keep(p, r.x) | ((u32)dropout_keep(p, r.y) << 1) | ((u32)dropout_keep(p, r.z) << 2) |
-           ((u32)dropout_keep(p, r.w) << 3);
-}
 
 // Column ownership of the row-group kernels: a row of D head-dim columns is cut into D/4 chunks of 4
 // consecutive columns (one float4 of shared memory); thread t of a group of G threads owns chunks

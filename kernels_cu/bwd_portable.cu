@@ -30,11 +30,11 @@
 //                                  are bitwise identical from run to run.
 //
 // Dropout (DROP = true; false compiles it out): the keep mask of each (query row, key) pair is regenerated
-// from Philox exactly as the forward drew it (philox.cuh: one call gives the 4 keys j0..j0+3, j0 % 4 == 0;
-// tiles start at multiples of 4 keys). Each call is made once per tile, not once per thread that needs it:
-// the dK/dV kernel spreads a tile's kBQ x kBN/4 calls over the block and keeps one 32-bit mask per query
+// from Philox exactly as the forward drew it (philox.cuh: one call gives the 8 keys j0..j0+7, j0 % 8 == 0;
+// tiles start at multiples of 8 keys). Each call is made once per tile, not once per thread that needs it:
+// the dK/dV kernel spreads a tile's kBQ x kBN/8 calls over the block and keeps one 32-bit mask per query
 // row in shared memory (bit = key of the block, kBN <= 32); in the dQ kernel the kTPR threads of a row
-// split the row's kDqBN/4 calls and OR their bits together (one register). Math: bwd_common.cuh.
+// split the row's kDqBN/8 calls and OR their bits together (one register). Math: bwd_common.cuh.
 //
 // Global offsets are 64-bit (i64) everywhere: batch/row/head strides times indices can exceed 2^31.
 #include "bwd_common.cuh"
@@ -73,10 +73,12 @@ struct PortableBwdTraits {
     static_assert((kThreads % D == 0 || D % kThreads == 0) && kBQ % kDqGroups == 0, "dQ phase mapping");
     static constexpr int kSmemKeep = kBQ * (int)sizeof(u32);       // dK/dV kernel with dropout: keep bits
     static_assert(kSmemDkdv + kSmemKeep <= 48 * 1024 && kSmemDq <= 48 * 1024, "must fit the default shared memory");
-    // Dropout: Philox calls cover 4 keys from a multiple of 4; a row's keys of a block fit one u32; the
-    // tile's calls (kBQ * kBN / 4) fill whole warps so that the OR over a row's lanes is warp-uniform.
-    static_assert(kBN % 4 == 0 && kBN <= 32 && kDqBN % 4 == 0 && kDqBN <= 32, "dropout bit masks");
-    static_assert((kBQ * (kBN / 4)) % 32 == 0 && 32 % (kBN / 4) == 0, "dropout: warp-uniform Philox loop");
+    // Dropout: Philox calls cover 8 keys from a multiple of 8; a row's keys of a block fit one u32; when a
+    // row takes several calls (kBN / 8 > 1), the tile's calls (kBQ * kBN / 8) fill whole warps so that the
+    // OR over a row's lanes (shuffles) is warp-uniform.
+    static_assert(kBN % 8 == 0 && kBN <= 32 && kDqBN % 8 == 0 && kDqBN <= 32, "dropout bit masks");
+    static_assert(kBN == 8 || ((kBQ * (kBN / 8)) % 32 == 0 && 32 % (kBN / 8) == 0),
+                  "dropout: warp-uniform Philox loop");
 };
 
 // ---- 1. preprocess: D = rowsum(dO * O), zero dq_accum --------------------------------------------
@@ -189,14 +191,14 @@ bwd_dkdv_portable(const Params p) {
                 sDsum[r] = ok ? p.dsum[row0 + i] : 0.f;
             }
             if (DROPOUT) {
-                // The tile's keep bits: call e -> (row r, keys n0 + 4g .. n0 + 4g + 3); the G4 calls of a row
-                // are consecutive lanes of one warp, whose nibbles are ORed into the row's mask.
-                constexpr int G4 = BN / 4;
+                // The tile's keep bits: call e -> (row r, keys n0 + 8g .. n0 + 8g + 7); the G8 calls of a row
+                // are consecutive lanes of one warp, whose bytes are ORed into the row's mask.
+                constexpr int G8 = BN / 8;
 #pragma unroll 1
-                for (int e = tid; e < BQ * G4; e += NT) {  // whole warps (static_assert in the traits)
-                    const int r = e / G4, g = e % G4;
-                    const u32 bits = group_or<G4>(
-                        dropout_keep_bits4(p, dropout_draws(p, b, h, m0 + r, n0 + 4 * g)) << (4 * g));
+                for (int e = tid; e < BQ * G8; e += NT) {  // whole warps when G8 > 1 (static_assert in the traits)
+                    const int r = e / G8, g = e % G8;
+                    const u32 bits = group_or<G8>(
+                        dropout_keep_bits8(p, dropout_draws(p, b, h, m0 + r, n0 + 8 * g)) << (8 * g));
                     if (g == 0) sKeep[r] = bits;
                 }
             }
@@ -333,13 +335,13 @@ bwd_dq_portable(const Params p) {
     const int n_begin = (n_lo / BN) * BN;
 
     for (int n0 = n_begin; n0 <= n_hi; n0 += BN) {  // fixed order: bitwise reproducible
-        // Dropout: bit n of keep = key n0 + n is kept for row i. The row's BN/4 Philox calls are split over
+        // Dropout: bit n of keep = key n0 + n is kept for row i. The row's BN/8 Philox calls are split over
         // its TPR threads and ORed together (every thread of the warp takes part in the shuffles).
         u32 keep = 0u;
         if (DROPOUT) {
 #pragma unroll 1
-            for (int g = t; g < BN / 4; g += TPR)
-                keep |= dropout_keep_bits4(p, dropout_draws(p, b, h, i, n0 + 4 * g)) << (4 * g);
+            for (int g = t; g < BN / 8; g += TPR)
+                keep |= dropout_keep_bits8(p, dropout_draws(p, b, h, i, n0 + 8 * g)) << (8 * g);
             keep = group_or<TPR>(keep);
         }
         __syncthreads();

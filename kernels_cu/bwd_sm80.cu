@@ -41,11 +41,12 @@
 //
 // Dropout (bwd_sm80<T, D, STAGES, DROPOUT = true>; false compiles it out), with the notation of
 // bwd_common.cuh (keep mask Z, r = 1 / (1 - p)): the keep bits of a thread's score fragments are drawn
-// from Philox (philox.cuh: the forward's mask bit for bit; one call per 4 keys of a row, shared by a lane
-// pair through a shuffle) and carried into the P tile as sign bits: P is stored with the sign bit set
-// where dropped (P >= 0, so the sign bit is free). The dS step reads its P back, takes |P| for
-// dS = P (Z r dP - D) (the undropped P; dropped pairs get -P D), and rewrites its P entries with the
-// dropped ones zeroed: the dV GEMM then sums P Z dO, and r is applied to dV once in the epilogue.
+// from Philox (philox.cuh: the forward's mask bit for bit; one call per 8 keys of a row, i.e. per row and
+// n8 tile, made by one lane of the quad and spread by two shuffles per tile) and carried into the P tile
+// as sign bits: P is stored with the sign bit set where dropped (P >= 0, so the sign bit is free). The
+// dS step reads its P back, takes |P| for dS = P (Z r dP - D) (the undropped P; dropped pairs get -P D),
+// and rewrites its P entries with the dropped ones zeroed: the dV GEMM then sums P Z dO, and r is applied
+// to dV once in the epilogue.
 // The DROPOUT kernels use Sm80BwdTraits<D, STAGES, true>: the regular shape, or a dropout-only one where
 // that spills (traits_bwd_sm80.cuh).
 #include "bwd_common.cuh"
@@ -211,6 +212,7 @@ bwd_sm80(const Params p) {
     using Tr = Sm80BwdTraits<D, STAGES, DROPOUT>;
     constexpr int BM = Tr::kBM, BN = Tr::kBN, NT = Tr::kThreads, ST = Tr::kStages;
     constexpr int MTS = Tr::kMTS, NTS = Tr::kNTS, MTKV = Tr::kMTKV, SKV = Tr::kSKV, MTQ = Tr::kMTQ, SQ = Tr::kSQ;
+    constexpr bool kDropWide = 2 * MTS * NTS > 16;  // dropout: see the keep bits in the main loop
     extern __shared__ __align__(1024) unsigned char smem[];
 
     const u32 s0 = smem_addr(smem);
@@ -319,6 +321,25 @@ bwd_sm80(const Params p) {
             const int st = ST == 2 ? (it & 1) : 0;
             if (++mi_ == n_m) { mi_ = 0; ++hi_; }
 
+            // Dropout: the keep bits of this thread's score fragments (rows rbase + 16 mt + 8 hh of head h,
+            // keys n0 + wn_s TN_S + 8 nt + 2 tq + e) as DropoutFrag rows ri = 2 mt + hh, n8 tiles nt (see
+            // dropout_frag_keep), drawn first thing in the step (while this step's Q / dO may still be
+            // landing). Only the wide score tiles (32 (row, n8 tile) items per thread: d 32, 64; kDropWide)
+            // compare two draws per word and take the shorter dS code below; the others (d >= 96, their
+            // registers at 255) compare the draws one by one and keep the older dS code: otherwise ptxas
+            // spills 4-8 bytes in some d 128 / 192 / 224 / 256 kernel (sm_80 or sm_90a, NVRTC 13.0 or
+            // 13.5), as it does when these draws sit just before or just after S = Q K^T.
+            DropoutFrag<2 * MTS, NTS> keep;
+            if constexpr (DROPOUT) {
+                const int ft = opaque(tid);
+                const int row0 = m0 + wm_s(ft) * Tr::kTMS + fg(ft);
+                dropout_frag_keep<kDropWide>(p, opaque(b), n0 + wn_s(ft) * Tr::kTNS, ft & 31,
+                                             [&](int ri, int& i, int& hq) {
+                                                 i = row0 + 16 * (ri >> 1) + 8 * (ri & 1);
+                                                 hq = h;
+                                             }, keep);
+            }
+
             cp_async_wait<0>();  // this step's Q, dO, D, L (and K, V) have landed
             __syncthreads();     // ... for every thread; every warp is done with the previous step
             if (ST == 2 && it + 1 < n_iter) issue_q(hk * group + hi_, (m_first + mi_) * BM, st ^ 1);
@@ -369,24 +390,8 @@ bwd_sm80(const Params p) {
                 const int pchunk = wn_s(ft) * NTS;
                 ost = (u32)((pchunk >> 3) * BM * 128 + rbase * 128 + (((pchunk & 7) ^ fg(ft)) << 4) + 4 * ftq(ft));
             };
-            // Dropout: the keep bits of this thread's score fragments (rows rbase + 16 mt + 8 hh of head h,
-            // keys n0 + wn_s TN_S + 8 nt + 2 tq + e): bits u, u + 16 (u = (2 mt + hh) NTS / 2 + nt / 2) of
-            // keep_even (nt even) / keep_odd (nt odd), see dropout_frag_keep. drop_sign gives the sign bits
-            // of the dropped entries of a packed pair (e = 0 low, e = 1 high).
-            u32 keep_even = 0, keep_odd = 0;
-            if constexpr (DROPOUT) {
-                const int ft = opaque(tid);
-                const int row0 = m0 + wm_s(ft) * Tr::kTMS + fg(ft);
-                dropout_frag_keep<2 * MTS, NTS / 2>(p, opaque(b), n0 + wn_s(ft) * Tr::kTNS, ft & 31,
-                                                    [&](int ri, int& i, int& hq) {
-                                                        i = row0 + 16 * (ri >> 1) + 8 * (ri & 1);
-                                                        hq = h;
-                                                    }, keep_even, keep_odd);
-            }
-            auto drop_sign = [&](int mt, int hh, int nt) -> u32 {
-                const u32 w = (nt & 1) ? keep_odd : keep_even;
-                return ((~w >> ((2 * mt + hh) * (NTS / 2) + (nt >> 1))) & 0x10001u) << 15;
-            };
+            // drop_sign: the sign bits of the dropped entries of a packed pair (e = 0 low, e = 1 high).
+            auto drop_sign = [&](int mt, int hh, int nt) -> u32 { return keep.drop_sign(2 * mt + hh, nt); };
             {
                 float s[MTS][NTS][4];
                 gemm_nt(s, sQ, sK);
@@ -499,14 +504,25 @@ bwd_sm80(const Params p) {
                                 // P with the sign bits of the dropped entries (see the header); with softcap
                                 // the factor P (1 - tanh^2) comes from the dS tile as without dropout.
                                 const u32 pw = lds_u32(sP + off);
-                                const u32 dropped = (pw >> 15) & 0x10001u;  // bit 0: e = 0, bit 16: e = 1
-                                if (transform) unpack2<T>(lds_u32(sdS + off), p0, p1);
-                                else unpack2<T>(pw & 0x7fff7fffu, p0, p1);
                                 const float r = p.dropout_scale;
-                                const float g0 = (dropped & 1u) ? -dd : dp[mt][nt][2 * hh] * r - dd;
-                                const float g1 = (dropped >> 16) ? -dd : dp[mt][nt][2 * hh + 1] * r - dd;
-                                sts_u32(sdS + off, pack2<T>(p0 * g0, p1 * g1));
-                                sts_u32(sP + off, pw & ~(dropped * 0xffffu));  // dV's operand: P Z
+                                if constexpr (kDropWide) {
+                                    // |P| is P; dS = |P| (Z r dP - D) with Z r = 0 where the sign bit is set
+                                    if (transform) unpack2<T>(lds_u32(sdS + off), p0, p1);
+                                    else unpack2<T>(pw, p0, p1);
+                                    const float zr0 = (pw & 0x8000u) ? 0.f : r, zr1 = (pw & 0x80000000u) ? 0.f : r;
+                                    sts_u32(sdS + off, pack2<T>(fabsf(p0) * fmaf(zr0, dp[mt][nt][2 * hh], -dd),
+                                                                fabsf(p1) * fmaf(zr1, dp[mt][nt][2 * hh + 1], -dd)));
+                                    // dV's operand P Z: the dropped halves zeroed (their sign bits replicated)
+                                    sts_u32(sP + off, pw & ~prmt(pw, 0u, 0xBB99u));
+                                } else {  // the same, in the form ptxas keeps spill-free at d >= 96
+                                    const u32 dropped = (pw >> 15) & 0x10001u;  // bit 0: e = 0, bit 16: e = 1
+                                    if (transform) unpack2<T>(lds_u32(sdS + off), p0, p1);
+                                    else unpack2<T>(pw & 0x7fff7fffu, p0, p1);
+                                    const float g0 = (dropped & 1u) ? -dd : dp[mt][nt][2 * hh] * r - dd;
+                                    const float g1 = (dropped >> 16) ? -dd : dp[mt][nt][2 * hh + 1] * r - dd;
+                                    sts_u32(sdS + off, pack2<T>(p0 * g0, p1 * g1));
+                                    sts_u32(sP + off, pw & ~(dropped * 0xffffu));  // dV's operand: P Z
+                                }
                             } else {
                                 unpack2<T>(lds_u32(src + off), p0, p1);
                                 sts_u32(sdS + off,

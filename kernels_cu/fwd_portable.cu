@@ -22,7 +22,7 @@ struct PortableFwdTraits {
     static constexpr int kCols = D / 4;                // head-dim columns per thread
     static constexpr int kSmemBytes = 2 * kBN * D * (int)sizeof(float);  // K and V tiles
     static_assert(D % 4 == 0 && D <= 256, "head dim bucket must be a multiple of 4, at most 256");
-    static_assert(kBN % 4 == 0, "dropout draws 4 keys per Philox call: tiles are multiples of 4 keys");
+    static_assert(kBN % 8 == 0, "dropout draws 8 keys per Philox call: tiles are multiples of 8 keys");
     static_assert(kSmemBytes <= 48 * 1024, "portable forward must fit the default shared memory");
 };
 
@@ -99,16 +99,12 @@ fwd_portable(const Params p) {
         // softmax, and the 1/(1-p) rescale is applied once at the end.
         const bool dropout = DROPOUT && row_valid;
 #pragma unroll
-        for (int g = 0; g < BN / 4; ++g) {
-            u32 keep = 0xfu;  // bit t: key n0 + 4g + t is kept
-            if (dropout) {
-                const Philox4 r = dropout_draws(p, b, h, i, n0 + 4 * g);
-                keep = (u32)dropout_keep(p, r.x) | ((u32)dropout_keep(p, r.y) << 1) |
-                       ((u32)dropout_keep(p, r.z) << 2) | ((u32)dropout_keep(p, r.w) << 3);
-            }
+        for (int g = 0; g < BN / 8; ++g) {
+            u32 keep = 0xffu;  // bit t: key n0 + 8g + t is kept
+            if (dropout) keep = dropout_keep_bits8(p, dropout_draws(p, b, h, i, n0 + 8 * g));
 #pragma unroll
-            for (int t = 0; t < 4; ++t) {
-                const int jj = 4 * g + t;
+            for (int t = 0; t < 8; ++t) {
+                const int jj = 8 * g + t;
                 const float pj = exp2f(s[jj] - base);
                 l += pj;
                 const float pv = (keep >> t) & 1u ? pj : 0.f;

@@ -29,12 +29,13 @@
 //     shared memory between tiles: ptxas would otherwise spill. tests/test_sm80_compile.py checks
 //     0 spills / 0 stack for every variant on sm_80 and sm_90a.
 //   * Dropout (DROPOUT = true, the variants for Params::dropout_p > 0; false compiles it out): the keep
-//     bits of the tile's fragments are drawn per tile (Philox, philox.cuh: one call per 4 keys of a
-//     row, shared by a lane pair through one shuffle; 1 or 2 registers of bits), before S = Q K^T or
-//     after the softmax (kDropLate: whichever ptxas keeps spill-free). The softmax statistics stay those
-//     of the undropped P (l sums it, the LSE is the undropped one); dropped entries are zeroed in the
-//     16-bit P operand of O += P V, and 1 / (1 - p) joins 1 / l in the epilogue (split-KV partials too:
-//     the combine is linear in them). Packed GQA rows draw with their true (query, head).
+//     bits of the tile's fragments are drawn per tile (Philox, philox.cuh: one call per 8 keys of a
+//     row, i.e. per row and n8 tile, made by one lane of the quad and spread by two shuffles per tile;
+//     1 or 2 registers of bits), before S = Q K^T or after the softmax (kDropLate: whichever ptxas
+//     keeps spill-free). The softmax statistics stay those of the undropped P (l sums it, the LSE is
+//     the undropped one); dropped entries are zeroed in the 16-bit P operand of O += P V, and
+//     1 / (1 - p) joins 1 / l in the epilogue (split-KV partials too: the combine is linear in them).
+//     Packed GQA rows draw with their true (query, head).
 #include "mask.cuh"
 #include "mma.cuh"
 #include "philox.cuh"
@@ -183,11 +184,10 @@ fwd_sm80(const Params p) {
     using namespace sm80;
     using Tr = Sm80FwdTraits<D, BM, BN, WARPS, STAGES, QREGS>;
     constexpr int kMT = Tr::kMT, kNT = Tr::kNT, kKS = Tr::kKS, kDT = Tr::kDT, kKS2 = Tr::kKS2;
-    // Dropout: the keep bits fit one register when the thread has at most 8 (row, n8 tile pair) items.
-    // They are drawn before S = Q K^T (then held through it) for the 32 x 64 score tiles per warp, after
-    // the softmax (the score tile held through the draws) for the smaller ones: the placements for
-    // which ptxas does not spill (either one spills some variant on sm_90a).
-    constexpr bool kDropOneWord = 2 * kMT * (kNT / 2) <= 8;
+    // Dropout: the keep bits (DropoutFrag, philox.cuh: one register when the thread has at most 16
+    // (row, n8 tile) items) are drawn before S = Q K^T (then held through it) for the 32 x 64 score tiles
+    // per warp, after the softmax (the score tile held through the draws) for the smaller ones: the
+    // placements for which ptxas does not spill.
     constexpr bool kDropLate = kMT * kNT <= 8;
     extern __shared__ __align__(1024) unsigned char smem[];
 
@@ -380,18 +380,16 @@ fwd_sm80(const Params p) {
 
         // Dropout keep bits of this tile: drawn here, before the score tile takes its registers (K(it)
         // may still be landing), or with kDropLate after the softmax (where ptxas spills otherwise).
-        u32 keep_even = 0, keep_odd = 0;
+        DropoutFrag<2 * kMT, kNT> keep;  // row ri = 2 mt + half, n8 tile nt
         auto draw_keep = [&]() {
             const BlockPos fb = block_pos<BM>(p, sreg_ctaid());  // recomputed: see sreg_tid
             const int ft = sreg_tid();
             const int frow0 = fb.m0 + (ft >> 5) * Tr::kWarpRows + ((ft & 31) >> 2);
-            dropout_frag_keep<2 * kMT, kNT / 2>(p, fb.b, k0, ft & 31, [&](int ri, int& i, int& h) {
+            dropout_frag_keep(p, fb.b, k0, ft & 31, [&](int ri, int& i, int& h) {
                 const int r = frow0 + (ri >> 1) * 16 + (ri & 1) * 8;  // ri = 2 mt + half
                 i = sm80::query_of(fb, r);
                 h = sm80::head_of(fb, r);
-            }, keep_even, keep_odd);
-            // With at most 8 (row, tile pair) items (bits 0-7 and 16-23) both fit one register.
-            if constexpr (kDropOneWord) keep_even |= keep_odd << 8;
+            }, keep);
         };
         if constexpr (DROPOUT && !kDropLate) draw_keep();
 
@@ -523,12 +521,11 @@ fwd_sm80(const Params p) {
                 a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
                 a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
                 a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-                if constexpr (DROPOUT) {  // row 2 mt + half, n8 tiles 2 kk (even word), 2 kk + 1 (odd word)
-                    a[mt][0] &= dropout_mask16(keep_even, (2 * mt) * (kNT / 2) + kk);
-                    a[mt][1] &= dropout_mask16(keep_even, (2 * mt + 1) * (kNT / 2) + kk);
-                    const u32 wodd = kDropOneWord ? keep_even : keep_odd;
-                    a[mt][2] &= dropout_mask16(wodd, (2 * mt) * (kNT / 2) + kk + (kDropOneWord ? 8 : 0));
-                    a[mt][3] &= dropout_mask16(wodd, (2 * mt + 1) * (kNT / 2) + kk + (kDropOneWord ? 8 : 0));
+                if constexpr (DROPOUT) {  // rows 2 mt + half, n8 tiles 2 kk, 2 kk + 1
+                    a[mt][0] &= keep.mask16(2 * mt, 2 * kk);
+                    a[mt][1] &= keep.mask16(2 * mt + 1, 2 * kk);
+                    a[mt][2] &= keep.mask16(2 * mt, 2 * kk + 1);
+                    a[mt][3] &= keep.mask16(2 * mt + 1, 2 * kk + 1);
                 }
             }
 #pragma unroll

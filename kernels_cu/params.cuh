@@ -54,7 +54,7 @@ struct Params {
     float softcap;        // 0 = off; else s = softcap * tanh(s / softcap)
     float dropout_p;      // probability of dropping
     float dropout_scale;  // 1 / (1 - dropout_p)
-    u32 dropout_threshold;  // keep iff the 32-bit random draw >= threshold  (threshold = p * 2^32)
+    u32 dropout_threshold;  // keep iff the 16-bit random draw >= threshold = min(round(p * 65536), 65535)
     int num_splits;       // split-KV forward; 1 = off
     int deterministic;    // backward: fixed-order dQ reduction when nonzero
     int flags;            // reserved for kernels' runtime switches

@@ -16,6 +16,41 @@ def test_philox_known_answers():
         assert tuple(int(x) for x in reference.philox4x32_10(ctr, key)) == want
 
 
+def test_threshold_rule():
+    """16-bit threshold: round(p * 65536) (to nearest, ties to even), at most 65535."""
+    t = reference.dropout_threshold
+    assert t(0.0) == 0 and t(0.5) == 32768 and t(0.1) == 6554 and t(0.9) == 58982
+    assert t(2.0**-18) == 0 and t(2.0**-17) == 0 and t(3 * 2.0**-17) == 2   # ties to even
+    assert t(1 - 2.0**-16) == 65535 and t(1 - 2.0**-20) == 65535 and t(0.99999999) == 65535
+    for p in np.linspace(0, 0.999, 97):
+        assert abs((1 - t(p) / 65536) - (1 - p)) <= 2.0**-17 + 1e-15
+
+
+def test_mask_rule_spelled_out():
+    """Element by element from the documented rule: one Philox call per 8 keys, 16-bit draws (low half for
+    even j), keep iff draw >= threshold."""
+    seed, offset, B, H, sq, sk, p = 2**40 + 77, (3 << 32) + 5, 2, 3, 40, 70, 0.3
+    m = np.asarray(reference.dropout_mask(seed, B, H, sq, sk, p, offset))
+    thr = reference.dropout_threshold(p)
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        b, h, i, j = (int(rng.integers(n)) for n in (B, H, sq, sk))
+        ctr = [np.uint32(j // 8), np.uint32(i), np.uint32(b * H + h), np.uint32(offset & 0xFFFFFFFF)]
+        key = [np.uint32(seed & 0xFFFFFFFF), np.uint32(((seed >> 32) ^ (offset >> 32)) & 0xFFFFFFFF)]
+        word = int(reference.philox4x32_10(ctr, key)[(j % 8) // 2])
+        draw = (word >> (16 * (j % 2))) & 0xFFFF
+        assert m[b, h, i, j] == (draw >= thr), (b, h, i, j)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_kept_fraction(p):
+    m = np.asarray(reference.dropout_mask(77, 2, 4, 256, 512, p))
+    assert abs(m.mean() - (1 - p)) < 4 * np.sqrt(p * (1 - p) / m.size) + 1e-4
+    # both halves of a word and all 8 keys of a call are equally likely to be kept
+    per_pos = m.reshape(-1, 8).mean(axis=0)
+    assert np.all(np.abs(per_pos - (1 - p)) < 5 * np.sqrt(p * (1 - p) / (m.size / 8)))
+
+
 def test_kept_fraction_and_seeds():
     m = np.asarray(reference.dropout_mask(1234, 2, 4, 300, 700, 0.1))
     assert m.shape == (2, 4, 300, 700) and m.dtype == bool
