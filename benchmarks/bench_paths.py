@@ -33,6 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("--causal", default="0,1")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--variants", action="store_true", help="also time sm90 technique variants")
+    ap.add_argument("--extra", action="append", default=[], metavar="LABEL=DICT",
+                    help="extra sm90 variant: LABEL={bucket: Sm90Tile(...), 'wide': {bucket: Sm90Tile(...)}} "
+                         "(Sm90Tile and replace in scope); repeatable")
     ap.add_argument("--rep", type=int, default=60)
     ap.add_argument("--outdir", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
@@ -60,6 +63,10 @@ def main(argv=None) -> int:
             "sm90-overlap": {d: replace(t, sched=1) for d, t in tiles0.items()},
             "sm90-batched": {d: replace(t, sched=2) for d, t in tiles0.items()},
         }
+    for spec in args.extra:
+        label, _, expr = spec.partition("=")
+        variants[label] = eval(expr, {"Sm90Tile": _launch_sm90.Sm90Tile, "replace": replace})  # noqa: S307
+    wide0 = dict(_launch_sm90.SM90_WIDE_TILES)
     rows = []
     for hd in parse_sizes(args.headdims):
         h = 2048 // hd
@@ -86,6 +93,8 @@ def main(argv=None) -> int:
                 def run_cuflash(label, disable_sm90, tiles=None):
                     os.environ["CUFLASH_DISABLE_SM90"] = "1" if disable_sm90 else "0"
                     if tiles is not None:  # the variant's tiles over the table's
+                        tiles = dict(tiles)
+                        _launch_sm90.SM90_WIDE_TILES.update(tiles.pop("wide", {}))
                         _launch_sm90.SM90_FORWARD_TILES.update(tiles)
                     _api.clear_plan_cache()
                     try:
@@ -98,13 +107,17 @@ def main(argv=None) -> int:
                     finally:
                         _launch_sm90.SM90_FORWARD_TILES.clear()
                         _launch_sm90.SM90_FORWARD_TILES.update(tiles0)
+                        _launch_sm90.SM90_WIDE_TILES.clear()
+                        _launch_sm90.SM90_WIDE_TILES.update(wide0)
 
                 run_cuflash("cuflash", False)
                 if cap == (9, 0):
                     run_cuflash("cuflash-sm80", True)
                     for label, tiles in variants.items():
                         bucket = _launch_sm90.tile_for(hd).headdim_bucket
-                        if bucket in tiles and tiles[bucket] != tiles0[bucket]:
+                        wide = tiles.get("wide", {})
+                        if (bucket in tiles and tiles[bucket] != tiles0[bucket]) or \
+                                (bucket in wide and wide[bucket] != wide0.get(bucket)):
                             run_cuflash(label, False, tiles)
                 os.environ.pop("CUFLASH_DISABLE_SM90", None)
                 _api.clear_plan_cache()

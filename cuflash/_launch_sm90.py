@@ -1,7 +1,7 @@
 """The Hopper forward path (``kernels_cu/fwd_sm90.cu``): wgmma + TMA + warp specialisation, sm_90a.
 
 ``supports(run)`` says whether a run takes this path: fp16/bf16 on a compute-capability-9.0 GPU (the
-kernels are built for sm_90a), head dim <= 256, no dropout, operands the copy engine can address
+kernels are built for sm_90a), head dim <= 256, operands the copy engine can address
 (16-byte aligned base and strides), and not a decoding shape that the sm80 path splits across the key
 range or packs by GQA group (``_launch_sm80.plan``). Everything else falls back to the sm80 path.
 ``CUFLASH_DISABLE_SM90=1`` turns this path off (benchmarks compare the two paths with it).
@@ -11,7 +11,7 @@ range or packs by GQA group (``_launch_sm80.plan``). Everything else falls back 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import _tma
 from ._launch import CTYPES, empty, launch, memset, ptr
@@ -31,6 +31,7 @@ class Sm90Tile:
     pingpong: bool = True    # consumers take turns issuing MMAs (named barriers)
     sched: int = 2           # consumer order per tile: 0 serial, 1 overlap, 2 batched (fwd_sm90.cu kSched*)
     persist: bool = True     # min(tiles, SMs) blocks loop over work tiles (atomic tile counter)
+    dropout: bool = False    # the DROPOUT variant (Params::dropout_p > 0); needs block_n % 32 == 0
 
     @property
     def block_m(self) -> int:
@@ -85,6 +86,10 @@ SM90_WIDE_TILES = {
     64: Sm90Tile(64, 128, 3, consumers=3),       # 145 KB
 }
 WIDE_CAUSAL_MIN_SEQLEN = 2048
+# Dropout: the keep bits are drawn per 32 keys (philox.cuh's DropoutFrag: the four lanes of a quad split
+# the n8 tiles), so the key tile must be a multiple of 32; d256's BN 80 tile takes BN 64 then (1 block per
+# tile, 2 stages: 193 KB).
+DROPOUT_BLOCK_N = {256: 64}
 HEADDIM_BUCKETS_SM90 = tuple(sorted(SM90_FORWARD_TILES))
 
 
@@ -95,20 +100,27 @@ def tile_for(headdim: int) -> Sm90Tile:
     raise ValueError(f"headdim {headdim} is above the largest sm90 bucket {HEADDIM_BUCKETS_SM90[-1]}")
 
 
+def dropout_tile(tile: Sm90Tile) -> Sm90Tile:
+    """The DROPOUT variant of ``tile`` (with a key tile of a multiple of 32 keys)."""
+    bn = DROPOUT_BLOCK_N.get(tile.headdim_bucket, tile.block_n)
+    return replace(tile, block_n=bn, dropout=True)
+
+
 def choose(run) -> Sm90Tile:
     """The tile of ``run``: the head-dim bucket's, or its three-consumer tile where that was faster."""
     base = tile_for(run.headdim)
     wide = SM90_WIDE_TILES.get(base.headdim_bucket)
     if wide is not None and not (run.causal and run.seqlen_q < WIDE_CAUSAL_MIN_SEQLEN):
-        return wide
-    return base
+        base = wide
+    return dropout_tile(base) if run.dropout_p > 0 else base
 
 
 def kernel_name(dtype: str, tile: Sm90Tile) -> str:
     pp = "true" if tile.pingpong else "false"
     ps = "true" if tile.persist else "false"
+    drop = ", true" if tile.dropout else ""
     return (f"cuflash::fwd_sm90<{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.block_n}, {tile.stages}, "
-            f"{tile.consumers}, {pp}, {tile.sched}, {ps}>")
+            f"{tile.consumers}, {pp}, {tile.sched}, {ps}{drop}>")
 
 
 def variants(arch: str | None = None) -> list[tuple[str, str]]:
@@ -116,6 +128,7 @@ def variants(arch: str | None = None) -> list[tuple[str, str]]:
     if arch is not None and arch != "sm_90a":
         return []
     tiles = list(SM90_FORWARD_TILES.values()) + list(SM90_WIDE_TILES.values())
+    tiles += [dropout_tile(t) for t in tiles]
     return [(FILE, kernel_name(dt, t)) for dt in _DTYPES for t in dict.fromkeys(tiles)]
 
 
@@ -128,7 +141,7 @@ def supports(run) -> bool:
     """True when this path can run ``run`` (else the sm80 path, then the portable one)."""
     if run.arch != "sm_90a" or run.dtype not in _DTYPES or os.environ.get("CUFLASH_DISABLE_SM90") == "1":
         return False
-    if not 1 <= run.headdim <= 256 or run.dropout_p > 0 or run.num_splits > 1:
+    if not 1 <= run.headdim <= 256 or run.num_splits > 1:
         return False
     if min(run.batch, run.seqlen_q, run.seqlen_k, run.nheads, run.nheads_k) < 1:
         return False

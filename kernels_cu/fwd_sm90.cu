@@ -25,8 +25,16 @@
 //     row's window edge or seqlen_k run the mask. Head dims pad to the bucket D (TMA zero-fills the
 //     columns past headdim; the store clips them).
 //
-// Not here (the host routes these to fwd_sm80.cu): dropout, split-KV, packed GQA for decoding.
+//   * DROPOUT (the variants for Params::dropout_p > 0; false compiles it out): the keep bits of a tile
+//     are drawn after its softmax (philox.cuh's DropoutFrag: the wgmma accumulator holds, per warp and
+//     n8 tile, the same 16 x 8 C fragment as mma.sync m16n8, so the quad-shared Philox calls of the
+//     sm80 path apply unchanged) and zero the dropped entries of the 16-bit P operand of O += P V; the
+//     row sums and the LSE stay those of the undropped softmax, and 1 / (1 - p) joins 1 / l at the end.
+//     The key tile must hold a multiple of 32 keys (BN = 128, 96, 64: the host picks such a tile).
+//
+// Not here (the host routes these to fwd_sm80.cu): split-KV, packed GQA for decoding.
 #include "mask.cuh"
+#include "philox.cuh"
 #include "mma.cuh"
 #include "sm90.cuh"
 #include "wgmma_ops.cuh"
@@ -107,7 +115,8 @@ __device__ __forceinline__ TileCoord tile_coord(int t, int num_m, int nheads, in
 // shared memory (tile_full / tile_empty mbarriers). The producer runs ahead into the next tile (its
 // K / V and, once free, its Q) while the consumers finish the current one; the output of one tile is
 // stored (TMA, asynchronous) while the next one computes. Otherwise one block per tile.
-template <typename T, int D, int BN, int STAGES, int NWG, bool PINGPONG, int SCHED, bool PERSIST>
+template <typename T, int D, int BN, int STAGES, int NWG, bool PINGPONG, int SCHED, bool PERSIST,
+          bool DROPOUT = false>
 __global__ void __launch_bounds__(128 * (NWG + 1), 1)
 fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps maps) {
     using namespace sm90;
@@ -119,6 +128,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
     constexpr int kKS = D / 16;   // k-steps of S = Q K^T
     constexpr int kPS = BN / 16;  // k-steps of O += P V
     constexpr int kConsumerWarps = 4 * NWG;
+    static_assert(!DROPOUT || kNT % 4 == 0, "dropout: the quad splits the n8 tiles four ways (BN % 32 == 0)");
     extern __shared__ __align__(1024) unsigned char smem[];
     __shared__ __align__(8) u64 bars[Tr::kBars];
     __shared__ int tile_slot[2];
@@ -384,15 +394,28 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                 row_l[hh] = fmaf(row_l[hh], corr[hh], sum);
             }
         };
-        // Probabilities -> 16-bit A fragments of O += P V: the C fragment of two adjacent n8 tiles is
-        // the A fragment of one k16 step.
-        auto pack_p = [&](const float (&sacc)[BN / 2], u32 (&pa)[kPS][4]) {
+        // Probabilities of tile `it` -> 16-bit A fragments of O += P V: the C fragment of two adjacent
+        // n8 tiles is the A fragment of one k16 step. DROPOUT: the dropped entries are zeroed here.
+        auto pack_p = [&](const float (&sacc)[BN / 2], int it, u32 (&pa)[kPS][4]) {
+            DropoutFrag<2, (DROPOUT ? kNT : 4)> keep;  // row ri = hh (rows wrow, wrow + 8), n8 tile nt
+            if constexpr (DROPOUT) {
+                dropout_frag_keep(p, b, (nb_hi - 1 - it) * BN, lane, [&](int ri, int& i, int& hd) {
+                    i = r0 + wrow + 8 * ri;
+                    hd = h;
+                }, keep);
+            }
 #pragma unroll
             for (int ks = 0; ks < kPS; ++ks) {
                 pa[ks][0] = pack2<T>(sacc[8 * ks + 0], sacc[8 * ks + 1]);
                 pa[ks][1] = pack2<T>(sacc[8 * ks + 2], sacc[8 * ks + 3]);
                 pa[ks][2] = pack2<T>(sacc[8 * ks + 4], sacc[8 * ks + 5]);
                 pa[ks][3] = pack2<T>(sacc[8 * ks + 6], sacc[8 * ks + 7]);
+                if constexpr (DROPOUT) {
+                    pa[ks][0] &= keep.mask16(0, 2 * ks);
+                    pa[ks][1] &= keep.mask16(1, 2 * ks);
+                    pa[ks][2] &= keep.mask16(0, 2 * ks + 1);
+                    pa[ks][3] &= keep.mask16(1, 2 * ks + 1);
+                }
             }
         };
         // O *= corr per row, skipped when no row of the warp found a new maximum (corr is exactly 1
@@ -430,7 +453,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                 release(k_empty(s));
                 release_q_after_qk(0);
                 softmax(sacc, 0, corr);  // O is still 0: no rescale
-                pack_p(sacc, pf);
+                pack_p(sacc, 0, pf);
             }
             if constexpr (SCHED == kSchedSerial) {
                 // O += P(it-1) V(it-1) retires before S(it) is issued; the softmax never runs beside an
@@ -458,7 +481,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     release(k_empty(s));
                     release_q_after_qk(it);
                     softmax(sacc, it, corr);
-                    pack_p(sacc, pf);
+                    pack_p(sacc, it, pf);
                     rescale_o(corr);
                 }
             } else if constexpr (SCHED == kSchedBatched) {
@@ -484,7 +507,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     release(k_empty(s));
                     release_q_after_qk(it);
                     softmax(sacc, it, corr);
-                    pack_p(sacc, pf);
+                    pack_p(sacc, it, pf);
                     rescale_o(corr);
                 }
             } else {
@@ -516,7 +539,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     fence_regs<kPS * 4>(&pf[0][0]);
                     release(v_empty(sp));
                     rescale_o(corr);
-                    pack_p(sacc, pf);
+                    pack_p(sacc, it, pf);
                 }
             }
             {   // drain: O += P(last) V(last)
@@ -542,7 +565,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
             float l = row_l[hh];
             l += __shfl_xor_sync(0xffffffffu, l, 1);
             l += __shfl_xor_sync(0xffffffffu, l, 2);
-            inv_l[hh] = l > 0.f ? 1.f / l : 0.f;
+            inv_l[hh] = l > 0.f ? (DROPOUT ? p.dropout_scale : 1.f) / l : 0.f;  // 1 / (1 - p): dropout
             const int row = r0 + wrow + 8 * hh;
             if (tq == 0 && row < sq && p.lse != nullptr)
                 p.lse[((i64)b * p.nheads + h) * sq + row] =

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -55,15 +56,25 @@ HEADDIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
 
 
 @contextlib.contextmanager
-def on_sm80(caplog, forward=True, backward=False):
-    """Run the block with cuflash's DEBUG log captured; then the forward (and backward) must have taken
-    the sm80 path."""
+def on_sm80(caplog, forward=True, backward=False, fwd_path="sm80"):
+    """Run the block with cuflash's DEBUG log captured; then the forward must have taken ``fwd_path`` (sm80:
+    the Hopper forward is switched off for the block, so that H100s test this path too; sm90:
+    tests/test_gpu_dropout_sm90.py) and the backward, where asked, the sm80 path."""
     caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="cuflash"):
-        yield
+    saved = os.environ.get("CUFLASH_DISABLE_SM90")
+    if fwd_path == "sm80":
+        os.environ["CUFLASH_DISABLE_SM90"] = "1"
+    try:
+        with caplog.at_level(logging.DEBUG, logger="cuflash"):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("CUFLASH_DISABLE_SM90", None)
+        else:
+            os.environ["CUFLASH_DISABLE_SM90"] = saved
     msgs = [r.getMessage() for r in caplog.records]
     if forward:
-        assert any("forward path=sm80" in m for m in msgs), msgs[:20]
+        assert any(f"forward path={fwd_path}" in m for m in msgs), msgs[:20]
         assert not any("forward path=portable" in m for m in msgs), msgs[:20]
     if backward:
         assert any("backward path=sm80" in m for m in msgs), msgs[:20]
@@ -72,7 +83,7 @@ def on_sm80(caplog, forward=True, backward=False):
 
 # ---- the mask, read through the output ----------------------------------------------------------------
 
-def sm80_mask(caplog, seed, b, h, sq, sk, p, dtype, hk=None, num_splits=0):
+def sm80_mask(caplog, seed, b, h, sq, sk, p, dtype, hk=None, num_splits=0, fwd_path="sm80"):
     """The forward's keep mask (b, h, sq, sk) on the sm80 path: q = 0 (P uniform), V one-hot over the first
     sk of d columns (d = sk rounded up to 8: 16-byte aligned rows), out[..., j] != 0 iff kept."""
     hk = hk or h
@@ -84,7 +95,7 @@ def sm80_mask(caplog, seed, b, h, sq, sk, p, dtype, hk=None, num_splits=0):
     vh = np.zeros((b, sk, hk, d), npd)
     vh[:, np.arange(sk), :, np.arange(sk)] = 1
     v = cupy.asarray(vh)
-    with on_sm80(caplog):
+    with on_sm80(caplog, fwd_path=fwd_path):
         out = cuflash.attention(q, k, v, dropout_p=p, seed=seed, num_splits=num_splits)
     o = to_numpy64(out)[..., :sk]                                   # (b, sq, h, sk)
     kept = o != 0
@@ -139,7 +150,8 @@ def test_sm80_kept_fraction_and_seed_behaviour(caplog):
 
 # ---- outputs against the reference with the same mask ---------------------------------------------------
 
-def forward_case(caplog, dtype, b, sq, sk, h, hk, d, *, seed, p=P, alibi=False, num_splits=0, **opts):
+def forward_case(caplog, dtype, b, sq, sk, h, hk, d, *, seed, p=P, alibi=False, num_splits=0, fwd_path="sm80",
+                 **opts):
     rng = np.random.default_rng(seed % 2**32)
     q, k, v = randn(rng, (b, sq, h, d), dtype), randn(rng, (b, sk, hk, d), dtype), randn(rng, (b, sk, hk, d), dtype)
     slopes = rng.uniform(0.05, 0.5, (h,)).astype(np.float32) if alibi else None
@@ -152,7 +164,7 @@ def forward_case(caplog, dtype, b, sq, sk, h, hk, d, *, seed, p=P, alibi=False, 
     tq, tk, tv = (cupy.asarray(x.astype(npd)) for x in (q, k, v))
     ts = None if slopes is None else cupy.asarray(slopes)
     out = cupy.full(q.shape, np.nan, dtype=npd)
-    with on_sm80(caplog):
+    with on_sm80(caplog, fwd_path=fwd_path):
         cuflash.attention(tq, tk, tv, alibi_slopes=ts, dropout_p=p, seed=seed, out=out, num_splits=num_splits,
                           **opts)
     assert_fa_close(to_numpy64(out), ref, base, dtype)

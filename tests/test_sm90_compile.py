@@ -30,9 +30,13 @@ def test_variants_only_for_sm90a():
     v = _launch_sm90.variants("sm_90a")
     tiles = {**{("base", d): t for d, t in _launch_sm90.SM90_FORWARD_TILES.items()},
              **{("wide", d): t for d, t in _launch_sm90.SM90_WIDE_TILES.items()}}
-    assert len(v) == len(set(v)) == 2 * len(tiles)
+    # each tile and its DROPOUT variant (key tiles of a multiple of 32), fp16 and bf16
+    assert len(v) == len(set(v)) == 2 * 2 * len(tiles)
     for t in tiles.values():
-        assert t.smem + 1024 <= SMEM_LIMIT  # + the static (1024-aligned) barrier block
+        for tt in (t, _launch_sm90.dropout_tile(t)):
+            assert tt.smem + 1024 <= SMEM_LIMIT  # + the static (1024-aligned) barrier block
+            assert not tt.dropout or tt.block_n % 32 == 0
+    assert sum(n.count(",") == 8 for _, n in v) == 2 * len(tiles)  # the ninth template argument: DROPOUT
 
 
 @requires_nvrtc
