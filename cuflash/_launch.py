@@ -219,7 +219,7 @@ def memset(run: Run, a) -> None:
 # that launched anything else is not cached (its path may do device work that a replay would miss).
 # A path joins this list once its host code uses ``memset`` instead of direct CuPy memsets / ops.
 REPLAYABLE_FILES = frozenset({"fwd_portable.cu", "fwd_sm80.cu", "fwd_sm90.cu", "fwd_decode.cu", "combine.cu",
-                              "bwd_portable.cu", "bwd_sm80.cu"})
+                              "bwd_portable.cu", "bwd_sm80.cu", "bwd_sm90.cu"})
 
 # Pointer slots of a replay: the named operands, then scratch allocations in allocation order.
 SLOTS = ("q", "k", "v", "out", "lse", "alibi", "dout", "dq", "dk", "dv")
@@ -393,13 +393,18 @@ def forward(run: Run) -> None:
 
 def backward(run: Run) -> None:
     """Pick the backward path for this run and launch it."""
-    from . import _launch_bwd_sm80
+    from . import _launch_bwd_sm80, _launch_bwd_sm90
     from ._launch_bwd import backward_portable
 
     # Dropout: the portable kernels regenerate the forward's mask from (seed, rng_offset) (DROPOUT variants).
-    run.path = "sm80" if _launch_bwd_sm80.supports(run) else "portable"
+    if _launch_bwd_sm90.supports(run):
+        run.path = "sm90"
+    else:
+        run.path = "sm80" if _launch_bwd_sm80.supports(run) else "portable"
     _log.debug("cuflash: backward path=%s dtype=%s headdim=%d deterministic=%s", run.path, run.dtype,
                run.headdim, run.deterministic)
+    if run.path == "sm90":
+        return _launch_bwd_sm90.backward_sm90(run)
     if run.path == "sm80":
         return _launch_bwd_sm80.backward_sm80(run)
     backward_portable(run)

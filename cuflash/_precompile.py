@@ -9,12 +9,13 @@ def all_variants(arch: str | None = None) -> list[tuple[str, str]]:
     from . import _config
     from ._launch_bwd import backward_portable_variants
     from ._launch_bwd_sm80 import variants as bwd_sm80_variants
+    from ._launch_bwd_sm90 import variants as bwd_sm90_variants
     from ._launch_decode import variants as decode_variants
     from ._launch_sm80 import variants as sm80_variants
     from ._launch_sm90 import variants as sm90_variants
 
     return (list(_config.portable_forward_variants()) + backward_portable_variants() + sm80_variants(arch)
-            + bwd_sm80_variants(arch) + sm90_variants(arch) + decode_variants(arch))
+            + bwd_sm80_variants(arch) + bwd_sm90_variants(arch) + sm90_variants(arch) + decode_variants(arch))
 
 
 def precompile(archs=None, *, dtypes=None, progress=True, files=None) -> int:

@@ -745,15 +745,16 @@ def test_replay_build_refuses_what_it_cannot_explain():
 
 def test_replayable_paths_do_all_device_work_through_launch():
     """Record / replay sees only ``launch`` and ``memset``: the paths it replays must do nothing else."""
-    from cuflash import _launch_bwd_sm80, _launch_decode, _launch_sm90
+    from cuflash import _launch_bwd_sm80, _launch_bwd_sm90, _launch_decode, _launch_sm90
 
     for fn in (_launch.forward_portable, _launch_sm80.forward_sm80, _launch_sm90.forward_sm90,
-               _launch_decode.forward_decode, _launch_bwd.backward_portable, _launch_bwd_sm80.backward_sm80):
+               _launch_decode.forward_decode, _launch_bwd.backward_portable, _launch_bwd_sm80.backward_sm80,
+               _launch_bwd_sm90.backward_sm90):
         src = inspect.getsource(fn)
         for forbidden in ("memset_async", ".fill(", "cupy.", "[...] =", ".copy("):
             assert forbidden not in src, (fn.__name__, forbidden)
     assert _launch.REPLAYABLE_FILES == {"fwd_portable.cu", "fwd_sm80.cu", "fwd_sm90.cu", "fwd_decode.cu", "combine.cu",
-                                        "bwd_portable.cu", "bwd_sm80.cu"}
+                                        "bwd_portable.cu", "bwd_sm80.cu", "bwd_sm90.cu"}
 
 
 def test_memset_is_recorded(gpu):

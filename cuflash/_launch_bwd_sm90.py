@@ -1,0 +1,196 @@
+"""The Hopper backward (``kernels_cu/bwd_sm90.cu``): wgmma + TMA + warp specialisation, sm_90a.
+
+Only the main kernel is new: the launcher runs ``bwd_sm80.cu``'s preprocess and dQ convert exactly as
+``_launch_bwd_sm80.backward_sm80`` does (same scratch layout: ``vec`` (2, batch, nheads, sq_pad) fp32 and
+``dq_accum`` (splits, batch, nheads, sq_pad, ld) fp32 with ld = headdim rounded up to 32, which equals the
+bucket D for every head dim this path takes)::
+
+    (memset)                          dq_accum = 0
+    bwd_sm80_preprocess<T>            D = rowsum(dO * O), L = lse * log2(e) (+inf for rows without keys)
+    bwd_sm90<T, D, BM, STAGES, MODE>  dK, dV per key block of 128 keys; dQ by red.add into dq_accum
+    bwd_sm80_dq_convert<T>            dq = scale * (sum of the dq_accum splits)
+
+``supports(run)``: fp16 / bf16 on sm_90a, no dropout, head dims whose 32-rounding is a bucket here (33..64
+and 97..128: the sm80 path's dq_accum row length is then the bucket), operands the copy engine can
+address, and everything ``_launch_bwd_sm80.supports`` requires (the fallback). Other runs take the sm80
+path. ``CUFLASH_DISABLE_SM90=1`` or ``CUFLASH_DISABLE_SM90_BWD=1`` turns this path off;
+``CUFLASH_BWD_SM90_MODE=<int>`` launches another variant (bwd_sm90.cu, MODE bits: 1 skips dQ, 2 skips
+dK / dV (wrong results, for timing and bisecting only), 4 the experimental overlapped schedule (correct
+results; serialised wgmma / spills today, see bwd_sm90.cu)).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from . import _launch, _launch_bwd_sm80, _tma
+from ._launch import CTYPES, Run, launch, ptr
+
+FILE = "bwd_sm90.cu"
+_DTYPES = ("float16", "bfloat16")
+THREADS = 384
+BLOCK_N = 128
+PAD_ROWS = _launch_bwd_sm80.PAD_ROWS
+_GRID_YZ_MAX = 65535
+
+
+@dataclass(frozen=True)
+class Sm90BwdTile:
+    """Mirror of ``Sm90BwdTraits<D, BM, STAGES>`` (kernels_cu/traits_bwd_sm90.cuh; the compile test checks it)."""
+
+    headdim_bucket: int
+    block_m: int        # query rows per step
+    stages: int = 2     # Q / dO / L / D ring slots
+    block_n: int = BLOCK_N
+    threads = THREADS
+
+    @property
+    def smem(self) -> int:
+        """Dynamic shared memory (kSmemBytes): 1024 alignment slack, K, V, the Q and dO slots, two dS^T
+        buffers, L and D per slot."""
+        d, bm, bn, st = self.headdim_bucket, self.block_m, self.block_n, self.stages
+        return 1024 + 2 * bn * d * 2 + 2 * st * bm * d * 2 + 2 * bn * bm * 2 + st * 2 * bm * 4
+
+    @property
+    def flops_per_step(self) -> int:
+        """Tensor-core FLOPs of one (query block x key block) step: S, dP, dV, dK, dQ."""
+        return 5 * 2 * self.block_m * self.block_n * self.headdim_bucket
+
+
+# One tile per bucket (FlashAttention-3's block shapes): d64 steps over 128 query rows (dQ split by rows
+# between the two consumers), d128 over 64 (dQ split by 64-column halves). Registers per consumer thread:
+# dK + dV D, S^T + dP^T BM (192 at both). d > 128 does not fit (dK + dV alone 192 at d192): sm80 path.
+TILES = {
+    64: Sm90BwdTile(64, 128),    # 161 KB
+    128: Sm90BwdTile(128, 64),   # 161 KB
+}
+HEADDIM_BUCKETS = tuple(sorted(TILES))
+
+
+def tile_for(headdim: int) -> Sm90BwdTile | None:
+    """The tile of a head dim, None where this path does not take it (dq_accum's row is headdim rounded up
+    to 32, which must be the bucket)."""
+    return TILES.get(-(-headdim // 32) * 32)
+
+
+def mode() -> int:
+    try:
+        return int(os.environ.get("CUFLASH_BWD_SM90_MODE", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def kernel_name(dtype: str, tile: Sm90BwdTile, mode_: int = 0) -> str:
+    return (f"cuflash::bwd_sm90<{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.block_m}, {tile.stages}, "
+            f"{int(mode_)}>")
+
+
+def kernel_names(dtype: str, tile: Sm90BwdTile, mode_: int = 0) -> dict[str, str]:
+    t = CTYPES[dtype]
+    return {
+        "preprocess": f"cuflash::bwd_sm80_preprocess<{t}>",
+        "main": kernel_name(dtype, tile, mode_),
+        "convert": f"cuflash::bwd_sm80_dq_convert<{t}>",
+    }
+
+
+def variants(arch: str | None = None) -> list[tuple[str, str]]:
+    """Every (file, name expression) of this path's main kernel (sm_90a only; preprocess and convert are
+    listed by ``_launch_bwd_sm80.variants``)."""
+    if arch is not None and arch != "sm_90a":
+        return []
+    return [(FILE, kernel_name(dt, t)) for dt in _DTYPES for t in TILES.values()]
+
+
+def _specs(run: Run, tile: Sm90BwdTile):
+    return (_tma.spec_for("q", run.q, tile.block_m), _tma.spec_for("k", run.k, tile.block_n),
+            _tma.spec_for("v", run.v, tile.block_n), _tma.spec_for("dout", run.dout, tile.block_m))
+
+
+def supports(run: Run) -> bool:
+    """True when this path can run ``run`` (else the sm80 backward, then the portable one)."""
+    if run.arch != "sm_90a" or run.dtype not in _DTYPES:
+        return False
+    if os.environ.get("CUFLASH_DISABLE_SM90") == "1" or os.environ.get("CUFLASH_DISABLE_SM90_BWD") == "1":
+        return False
+    if run.dropout_p > 0 or not 1 <= run.headdim <= 256:
+        return False
+    tile = tile_for(run.headdim)
+    if tile is None:
+        return False
+    if min(run.batch, run.seqlen_q, run.seqlen_k, run.nheads, run.nheads_k) < 1 or run.nheads % run.nheads_k:
+        return False
+    if run.batch > _GRID_YZ_MAX or run.nheads_k > _GRID_YZ_MAX:
+        return False
+    if not _launch_bwd_sm80.supports(run):  # alignment, lse / out / dout present; and the fallback exists
+        return False
+    try:
+        for spec, a in zip(_specs(run, tile), (run.q, run.k, run.v, run.dout)):
+            _tma.encode(spec, int(a.data.ptr))
+    except (_tma.TmaError, OSError):
+        return False
+    return True
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def plan(run: Run, splits: int | None = None, tile: Sm90BwdTile | None = None, mode_: int | None = None) -> dict:
+    """Tile, kernel names, splits and grids of this run (exposed for tests and benchmarks)."""
+    tile = tile or tile_for(run.headdim)
+    if tile is None:
+        raise ValueError(f"cuflash: the sm90 backward takes no head dim {run.headdim}")
+    b, h, hk, sq, sk = run.batch, run.nheads, run.nheads_k, run.seqlen_q, run.seqlen_k
+    n_blocks = _cdiv(sk, tile.block_n)
+    if not run.deterministic:
+        splits = 1
+    elif splits is None:
+        splits = _launch_bwd_sm80.deterministic_splits(b, h, hk, sq, sk, tile,
+                                                       _launch_bwd_sm80._num_sms(run.device_id))
+    splits = max(1, min(int(splits), n_blocks))
+    sq_pad = _cdiv(sq, PAD_ROWS) * PAD_ROWS
+    ld = _cdiv(run.headdim, 32) * 32
+    assert ld == tile.headdim_bucket, "dq_accum rows must be the kernel's bucket"
+    return {
+        "tile": tile, "names": kernel_names(run.dtype, tile, mode() if mode_ is None else mode_),
+        "splits": splits, "sq_pad": sq_pad, "n_blocks": n_blocks,
+        "grid_rows": (sq_pad // _launch_bwd_sm80.ROWS_PER_BLOCK, h, b),
+        "grid_main": (splits if run.deterministic else n_blocks, hk, b),
+        "grid_convert": (_cdiv(sq, _launch_bwd_sm80.ROWS_PER_BLOCK), h, b),
+    }
+
+
+def backward_sm90(run: Run, splits: int | None = None, tile: Sm90BwdTile | None = None,
+                  mode_: int | None = None) -> None:
+    """dq, dk, dv of ``run`` through the Hopper main kernel (preprocess / convert from bwd_sm80.cu).
+
+    ``splits`` (deterministic mode only) overrides the dq_accum split count, ``tile`` the tile and ``mode_``
+    the MODE template argument (tests, benchmarks, debugging)."""
+    pl = plan(run, splits, tile, mode_)
+    tile, names = pl["tile"], pl["names"]
+    b, h, sq_pad = run.batch, run.nheads, pl["sq_pad"]
+    vec = _launch.empty(run, (2, b, h, sq_pad), "float32")
+    dq_accum = _launch.empty(run, (pl["splits"], b, h, sq_pad, tile.headdim_bucket), "float32")
+    run.scratch["bwd_sm90_vec"] = vec            # kept alive with the run (the launches are asynchronous)
+    run.scratch["bwd_sm90_dq_accum"] = dq_accum
+    _launch.memset(run, dq_accum)
+    params = run.params(dsum=ptr(vec), dq_accum=ptr(dq_accum), num_splits=pl["splits"])
+    rows = (_launch_bwd_sm80.ROW_THREADS,)
+    launch(run, _launch_bwd_sm80.FILE, names["preprocess"], pl["grid_rows"], rows, params)
+    launch(run, FILE, names["main"], pl["grid_main"], (THREADS,), params, tile.smem, maps=_specs(run, tile))
+    launch(run, _launch_bwd_sm80.FILE, names["convert"], pl["grid_convert"], rows, params)
+
+
+def expected_traits_checks() -> list[str]:
+    """static_asserts tying the host table to the kernel traits (compiled by the CPU test)."""
+    out = []
+    for t in TILES.values():
+        tr = f"cuflash::Sm90BwdTraits<{t.headdim_bucket}, {t.block_m}, {t.stages}>"
+        out.append(f"static_assert({tr}::kSmemBytes == {t.smem}, \"smem {t.headdim_bucket}\");")
+        out.append(f"static_assert({tr}::kThreads == {t.threads} && {tr}::kBN == {t.block_n}, \"shape\");")
+    return out
+
+
+__all__ = ["supports", "backward_sm90", "variants", "plan", "tile_for", "TILES", "kernel_name"]

@@ -1,0 +1,489 @@
+// bwd_sm90.cu: the Hopper FlashAttention backward main kernel (sm_90a) for fp16 / bf16: wgmma, TMA,
+// mbarrier rings and warp specialisation.
+//
+// The launcher (cuflash/_launch_bwd_sm90.py) runs bwd_sm80.cu's preprocess (D = rowsum(dO * O), L = lse
+// log2(e) or +inf, padded to sq_pad rows) and dq_convert around this kernel, with the contract of the sm80
+// backward: dK, dV written once in T (dK times the softmax scale), dQ added in fp32 (without the scale)
+// into dq_accum (splits, batch, nheads, sq_pad, D) with red.add; deterministic mode: gridDim.x = splits,
+// block x walks key blocks x, x + splits, ... and adds into split x (one writer thread per address, its
+// reductions in program order). The math is bwd_common.cuh's (P from the forward's LSE, dS = P (dP - D)
+// [* (1 - tanh^2) with softcap]).
+//
+// One block of 384 threads owns BN = 128 keys of one (kv head, batch) (traits_bwd_sm90.cuh):
+//
+//   * Producer (warpgroup 0, one thread; setmaxnreg 24): K and V of the key block once (TMA, kv_full;
+//     refilled for the next key block of a deterministic split after kv_empty), then per step (query block
+//     of BM rows of one head of the GQA group) Q and dO by TMA and the BM values of L and D by bulk copies,
+//     into a ring of STAGES slots (q_full / q_empty).
+//   * Two consumers (warpgroups 1 and 2, 240 registers), 64 keys each. Per step:
+//       S^T  = K_w Q^T, dP^T = V_w dO^T           wgmma ss, both operands K-major (64 keys x BM queries)
+//       P^T  = exp2(S^T scale log2(e) - L), dS^T = P^T (dP^T - D)   (masks only on boundary blocks)
+//       dV  += P^T dO, dK += dS^T Q               wgmma rs: P^T / dS^T from registers, dO / Q N-major
+//       dS^T -> shared memory (buffer of the step's parity); named barrier between the two consumers
+//       dQ   = dS K                               wgmma ss_mnmajor: dS^T read M-major, K N-major; split
+//                                                 between the consumers by rows (BM 128) or columns (BM 64)
+//       wait; release the slot; dQ -> dq_accum by red.global.add.v4.f32
+//     Epilogue per key block: dK * scale and dV from registers to global memory (32-bit stores).
+//   * Out-of-range rows: TMA zero-fills Q / dO rows past seqlen_q (their L is +inf: P = 0) and K / V rows
+//     past seqlen_k (masked); head dims pad to the bucket (zero columns).
+//
+// MODE (debugging and timing only; the dispatcher uses 0): bit 0 skips dQ (the dS store, the barrier, the
+// dQ GEMM and its reductions), bit 1 skips the dK / dV GEMMs (results are then wrong); bit 2 takes an
+// experimental overlapped schedule (correct results; P = exp2 while dP^T runs, dS while dV runs, dS from the
+// 16-bit P). It does not fit the registers yet: ptxas serialises its wgmma (C7512, NVRTC 13.0) and spills
+// at d64 (NVRTC 13.5), so the default (bit 2 clear) is the serial schedule: wait for S^T and dP^T, all of P
+// and dS, then dV and dK issued together.
+#include "bwd_common.cuh"
+#include "mma.cuh"
+#include "sm90.cuh"
+#include "traits_bwd_sm90.cuh"
+#include "wgmma_ops.cuh"
+
+namespace cuflash {
+namespace sm90bwd {
+
+// The tensor maps of one launch (cuflash/_tma.py encodes them; second kernel parameter).
+struct TmaMaps {
+    sm90::TmaDesc q, k, v, dout;
+};
+
+constexpr int kModeNoDQ = 1;
+constexpr int kModeNoDKV = 2;
+constexpr int kModeOverlap = 4;  // experimental schedule (see the main loop)
+constexpr int kBarDS = 1;  // named barrier: both consumers have written their dS^T rows
+
+// Query blocks (of BM rows) that keep at least one key of [n0, n0 + BN) (both window bounds are
+// non-decreasing in the row): m_first .. m_first + n_m - 1.
+template <int BM, int BN>
+__device__ __forceinline__ void query_block_range(int n0, int sq, int sk, int wl, int wr, int& m_first, int& n_m) {
+    const long long shift = (long long)sk - sq;
+    const long long n1 = min(n0 + BN, sk) - 1;
+    long long i_lo = 0, i_hi = (long long)sq - 1;
+    if (wr >= 0) i_lo = max(i_lo, (long long)n0 - shift - wr);
+    if (wl >= 0) i_hi = min(i_hi, n1 - shift + wl);
+    m_first = (int)(i_lo / BM);
+    n_m = i_lo <= i_hi ? (int)(i_hi / BM) - m_first + 1 : 0;
+}
+
+__device__ __forceinline__ float2 lds_f32x2(u32 addr) {
+    float2 v;
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+    return v;
+}
+
+template <bool B> struct BoolC { static constexpr bool value = B; };
+
+}  // namespace sm90bwd
+
+template <typename T, int D, int BM, int STAGES, int MODE = 0>
+__global__ void __launch_bounds__(384, 1)
+bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaMaps maps) {
+    using namespace sm90;
+    using namespace sm90bwd;
+    using sm80::ex2;
+    using sm80::smem_addr;
+    using Tr = Sm90BwdTraits<D, BM, STAGES>;
+    constexpr int BN = Tr::kBN;
+    constexpr int kNT = BM / 8;    // n8 tiles of the S^T / dP^T fragments (queries)
+    constexpr int kKSD = D / 16;   // k-steps over the head dim (S^T, dP^T)
+    constexpr int kKSM = BM / 16;  // k-steps over the queries (dV, dK)
+    constexpr int kKSN = BN / 16;  // k-steps over the keys (dQ)
+    constexpr int kNQ = Tr::kNQ;
+    extern __shared__ __align__(1024) unsigned char smem[];
+    __shared__ __align__(8) u64 bars[Tr::kBars];
+    // seqlen_q, seqlen_k, nheads, nheads_k, batch, window_left, window_right: the producer re-reads them
+    // from here (volatile) instead of holding them (see fwd_sm90.cu).
+    __shared__ int shape_s[7];
+
+    {   // The host must have given the traits' dynamic shared memory: fail loudly, never corrupt.
+        u32 dyn;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+        if (dyn < (u32)Tr::kSmemBytes) __trap();
+    }
+    const u32 s0 = (smem_addr(smem) + 1023u) & ~1023u;
+    const u32 sK = s0 + Tr::kOffK, sV = s0 + Tr::kOffV, sQ = s0 + Tr::kOffQ, sdO = s0 + Tr::kOffdO;
+    const u32 sdS = s0 + Tr::kOffdS, sVec = s0 + Tr::kOffVec;
+    const u32 bar0 = smem_addr(bars);
+    const u32 kv_full = bar0, kv_empty = bar0 + 8u;
+    auto q_full = [&](int s) { return bar0 + 8u * (2 + s); };
+    auto q_empty = [&](int s) { return bar0 + 8u * (2 + STAGES + s); };
+
+    const int wg = __shfl_sync(0xffffffffu, (int)threadIdx.x >> 7, 0);
+    if (threadIdx.x == 0) {
+        shape_s[0] = p.seqlen_q;
+        shape_s[1] = p.seqlen_k;
+        shape_s[2] = p.nheads;
+        shape_s[3] = p.nheads_k;
+        shape_s[4] = p.batch;
+        shape_s[5] = p.window_left;
+        shape_s[6] = p.window_right;
+        mbar_init(kv_full, 1);
+        mbar_init(kv_empty, 8);  // one arrival per consumer warp
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(q_full(s), 1);
+            mbar_init(q_empty(s), 8);
+        }
+        mbar_init_fence();
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // ---- producer ---------------------------------------------------------------------------------
+        setmaxnreg_dec<Tr::kProducerRegs>();
+        if (sreg_tid() == 0) {
+            auto fresh = [&](int i) { return *static_cast<const volatile int*>(&shape_s[i]); };
+            prefetch_tma_desc(&maps.q);
+            prefetch_tma_desc(&maps.k);
+            prefetch_tma_desc(&maps.v);
+            prefetch_tma_desc(&maps.dout);
+            int g = 0;    // steps loaded so far (ring position and phase)
+            int kbl = 0;  // key blocks loaded so far (K / V phase)
+            for (int nb = sreg_ctaid_x();; nb += sreg_nctaid_x()) {
+                const int n0 = nb * BN;
+                if (n0 >= fresh(1)) break;
+                int m_first, n_m;
+                query_block_range<BM, BN>(n0, fresh(0), fresh(1), fresh(5), fresh(6), m_first, n_m);
+                if (n_m == 0) continue;  // the consumers write zeros for this key block
+                const int3 c = sreg_ctaid();
+                const int hk = c.y, b = c.z;
+                if (kbl > 0) mbar_wait(kv_empty, (kbl - 1) & 1);
+                mbar_arrive_expect_tx(kv_full, 2 * Tr::kKBytes);
+#pragma unroll
+                for (int ch = 0; ch < Tr::kChunks; ++ch) {
+                    tma_load_4d(sK + ch * (BN * 128), &maps.k, ch * 64, hk, n0, b, kv_full);
+                    tma_load_4d(sV + ch * (BN * 128), &maps.v, ch * 64, hk, n0, b, kv_full);
+                }
+                ++kbl;
+                const int group = fresh(2) / fresh(3);
+                for (int hi = 0; hi < group; ++hi) {
+                    for (int mi = 0; mi < n_m; ++mi, ++g) {
+                        const int s = g % STAGES;
+                        if (g >= STAGES) mbar_wait(q_empty(s), ((g / STAGES) & 1) ^ 1);
+                        const int h = hk * group + hi;
+                        const int m0 = (m_first + mi) * BM;
+                        mbar_arrive_expect_tx(q_full(s), 2 * Tr::kQBytes + Tr::kVecBytes);
+#pragma unroll
+                        for (int ch = 0; ch < Tr::kChunks; ++ch) {
+                            tma_load_4d(sQ + s * Tr::kQBytes + ch * (BM * 128), &maps.q, ch * 64, h, m0, b, q_full(s));
+                            tma_load_4d(sdO + s * Tr::kQBytes + ch * (BM * 128), &maps.dout, ch * 64, h, m0, b,
+                                        q_full(s));
+                        }
+                        const int sq = fresh(0);
+                        const i64 sq_pad = (i64)((sq + 127) / 128 * 128);
+                        const i64 row = ((i64)b * fresh(2) + h) * sq_pad + m0;
+                        const i64 plane = (i64)fresh(4) * fresh(2) * sq_pad;
+                        bulk_load(sVec + s * Tr::kVecBytes, p.dsum + plane + row, BM * 4, q_full(s));       // L
+                        bulk_load(sVec + s * Tr::kVecBytes + BM * 4, p.dsum + row, BM * 4, q_full(s));      // D
+                    }
+                }
+            }
+        }
+        return;
+    }
+
+    // ---- consumers ---------------------------------------------------------------------------------
+    setmaxnreg_inc<Tr::kConsumerRegs>();
+    // Problem scalars, derived after the register change (nothing stays live across it).
+    const int tid = sreg_tid(), lane = tid & 31;
+    const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
+    const int cw = (warp >> 2) - 1;                    // consumer: keys 64 cw .. 64 cw + 63 of the block
+    const int wrow = 16 * (warp & 3) + (lane >> 2);    // fragment row (half 0) within the 64
+    const int tq = lane & 3;                           // fragment column pair
+    const int sq = p.seqlen_q, sk = p.seqlen_k;
+    const int shift = sk - sq;
+    const int wl = p.window_left, wr = p.window_right;
+    const int group = p.nheads / p.nheads_k;
+    const int sq_pad = (sq + 127) / 128 * 128;
+    const bool transform = p.softcap > 0.f || p.alibi != nullptr;
+
+    auto release = [&](u32 bar) {  // this warp is done reading a slot
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar);
+    };
+
+    int g = 0;    // steps consumed so far (ring position and phase; dS buffer parity)
+    int kbl = 0;  // key blocks consumed so far
+    for (int nb = sreg_ctaid_x(); nb * BN < sk; nb += sreg_nctaid_x()) {
+        const int n0 = nb * BN;
+        const int kw0 = n0 + 64 * cw;  // first key of this consumer
+        const int3 cta = sreg_ctaid();
+        const int hk = cta.y, b = cta.z;
+        int m_first, n_m;
+        query_block_range<BM, BN>(n0, sq, sk, wl, wr, m_first, n_m);
+        const int n_iter = n_m * group;
+
+        float dv[D / 2], dk[D / 2];
+#pragma unroll
+        for (int i = 0; i < D / 2; ++i) {
+            dv[i] = 0.f;
+            dk[i] = 0.f;
+        }
+
+        if (n_iter > 0) {
+            mbar_wait(kv_full, kbl & 1);
+            int hi = 0, mi = 0;
+            for (int it = 0; it < n_iter; ++it, ++g) {
+                const int h = hk * group + hi;
+                const int m0 = (m_first + mi) * BM;
+                if (++mi == n_m) {
+                    mi = 0;
+                    ++hi;
+                }
+                const int s = g % STAGES;
+                const u32 sQs = sQ + s * Tr::kQBytes, sdOs = sdO + s * Tr::kQBytes, vec = sVec + s * Tr::kVecBytes;
+                mbar_wait(q_full(s), (g / STAGES) & 1);
+
+                // ---- S^T = K_w Q^T, dP^T = V_w dO^T (64 keys x BM queries) ----------------------------
+                float sacc[BM / 2], dpacc[BM / 2];
+                wgmma_fence();
+#pragma unroll
+                for (int ks = 0; ks < kKSD; ++ks) {
+                    const u32 off = (ks >> 2) * (BN * 128) + 64 * cw * 128 + (ks & 3) * 32;
+                    const u32 boff = (ks >> 2) * (BM * 128) + (ks & 3) * 32;
+                    Wgmma<T, BM>::ss(sacc, smem_desc_sw128(sK + off, 16, 1024), smem_desc_sw128(sQs + boff, 16, 1024),
+                                     ks > 0);
+                }
+                wgmma_commit();  // S^T: one group, dP^T the next
+#pragma unroll
+                for (int ks = 0; ks < kKSD; ++ks) {
+                    const u32 off = (ks >> 2) * (BN * 128) + 64 * cw * 128 + (ks & 3) * 32;
+                    const u32 boff = (ks >> 2) * (BM * 128) + (ks & 3) * 32;
+                    Wgmma<T, BM>::ss(dpacc, smem_desc_sw128(sV + off, 16, 1024),
+                                     smem_desc_sw128(sdOs + boff, 16, 1024), ks > 0);
+                }
+                wgmma_commit();
+
+                // ---- P^T and dS^T in place (sacc <- P, dpacc <- dS) -----------------------------------
+                // Element 4 nt + 2 hh + e: key kw0 + wrow + 8 hh, query m0 + 8 nt + 2 tq + e.
+                // Masking only where the consumer's keys cross seqlen_k or a causal / window edge of the
+                // block's rows (rows past seqlen_q need none: their L is +inf).
+                const int right_lim = wr < 0 ? sk - 1 : min(sk - 1, m0 + shift + wr);
+                const bool need_mask = kw0 + 63 > right_lim || (wl >= 0 && kw0 < m0 + BM - 1 + shift - wl);
+                auto keep = [&](int nt, int hh, int e) {
+                    const int ipos = m0 + 8 * nt + 2 * tq + e + shift;
+                    const int j = kw0 + wrow + 8 * hh;
+                    return (wl < 0 || j >= ipos - wl) && j <= (wr < 0 ? sk - 1 : min(sk - 1, ipos + wr));
+                };
+                u32 pa[kKSM][4], da[kKSM][4];  // 16-bit A fragments of P^T and dS^T
+                // The C fragment of two adjacent n8 tiles is the A fragment of one k16 step.
+                auto pack = [&](const float (&acc)[BM / 2], u32 (&frag)[kKSM][4]) {
+#pragma unroll
+                    for (int ks = 0; ks < kKSM; ++ks)
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) frag[ks][j] = pack2<T>(acc[8 * ks + 2 * j], acc[8 * ks + 2 * j + 1]);
+                };
+                auto issue_dv = [&]() {  // dV += P^T dO (64 keys x D, k = BM)
+                    if (!(MODE & kModeNoDKV)) {
+#pragma unroll
+                        for (int ks = 0; ks < kKSM; ++ks)
+                            Wgmma<T, D>::rs_nmajor_b(dv, pa[ks][0], pa[ks][1], pa[ks][2], pa[ks][3],
+                                                     smem_desc_sw128(sdOs + ks * 2048, BM * 128, 1024), 1);
+                    }
+                };
+                auto issue_dk = [&]() {  // dK += dS^T Q
+                    if (!(MODE & kModeNoDKV)) {
+#pragma unroll
+                        for (int ks = 0; ks < kKSM; ++ks)
+                            Wgmma<T, D>::rs_nmajor_b(dk, da[ks][0], da[ks][1], da[ks][2], da[ks][3],
+                                                     smem_desc_sw128(sQs + ks * 2048, BM * 128, 1024), 1);
+                    }
+                };
+                if (!transform && (MODE & kModeOverlap)) {
+                    // Overlapped: P = exp2(..) as soon as S^T is done (dP^T may still run), dV issued;
+                    // dS once dP^T is done (dV may still run), dK issued.
+                    wgmma_wait<1>();
+                    fence_regs<BM / 2>(sacc);
+                    auto probs = [&](auto masked) {
+                        constexpr bool M = decltype(masked)::value;
+                        const float sl2 = p.scale_log2;
+#pragma unroll
+                        for (int nt = 0; nt < kNT; ++nt) {
+                            const float2 l2 = lds_f32x2(vec + 4 * (8 * nt + 2 * tq));
+#pragma unroll
+                            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                                for (int e = 0; e < 2; ++e) {
+                                    const int x = 4 * nt + 2 * hh + e;
+                                    float arg = fmaf(sacc[x], sl2, -(e ? l2.y : l2.x));
+                                    if (M) arg = keep(nt, hh, e) ? arg : -INFINITY;
+                                    sacc[x] = ex2(arg);
+                                }
+                        }
+                    };
+                    if (need_mask) probs(BoolC<true>{});
+                    else probs(BoolC<false>{});
+                    pack(sacc, pa);
+                    wgmma_fence();
+                    issue_dv();
+                    wgmma_commit();
+                    wgmma_wait<1>();  // dP^T (older than dV) is done
+                    fence_regs<BM / 2>(dpacc);
+#pragma unroll
+                    for (int nt = 0; nt < kNT; ++nt) {
+                        const float2 d2 = lds_f32x2(vec + 4 * BM + 4 * (8 * nt + 2 * tq));
+#pragma unroll
+                        for (int hh = 0; hh < 2; ++hh) {
+                            {
+                                // P from its 16-bit A fragment (as bwd_sm80 reads it back): sacc is dead
+                                // here, which keeps the registers of this phase within the budget
+                                float p0, p1;
+                                unpack2<T>(pa[nt >> 1][2 * (nt & 1) + hh], p0, p1);
+                                const int x = 4 * nt + 2 * hh;
+                                dpacc[x] = p0 * (dpacc[x] - d2.x);
+                                dpacc[x + 1] = p1 * (dpacc[x + 1] - d2.y);
+                            }
+                        }
+                    }
+                    pack(dpacc, da);
+                    wgmma_fence();
+                    issue_dk();
+                    wgmma_commit();
+                } else {
+                    wgmma_wait<0>();
+                    fence_regs<BM / 2>(sacc);
+                    fence_regs<BM / 2>(dpacc);
+                    if (!transform) {
+                        auto plain = [&](auto masked) {
+                            constexpr bool M = decltype(masked)::value;
+                            const float sl2 = p.scale_log2;
+#pragma unroll
+                            for (int nt = 0; nt < kNT; ++nt) {
+                                const float2 l2 = lds_f32x2(vec + 4 * (8 * nt + 2 * tq));
+                                const float2 d2 = lds_f32x2(vec + 4 * BM + 4 * (8 * nt + 2 * tq));
+#pragma unroll
+                                for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                                    for (int e = 0; e < 2; ++e) {
+                                        const int x = 4 * nt + 2 * hh + e;
+                                        float arg = fmaf(sacc[x], sl2, -(e ? l2.y : l2.x));
+                                        if (M) arg = keep(nt, hh, e) ? arg : -INFINITY;
+                                        const float pr = ex2(arg);
+                                        sacc[x] = pr;
+                                        dpacc[x] = pr * (dpacc[x] - (e ? d2.y : d2.x));
+                                    }
+                            }
+                        };
+                        if (need_mask) plain(BoolC<true>{});
+                        else plain(BoolC<false>{});
+                    } else {  // softcap and / or ALiBi (uniform branches); the mask is always evaluated
+                        // (opaque: recomputed per step rather than hoisted and held across the loop)
+                        const float softcap = __int_as_float(sm80::opaque(__float_as_int(p.softcap)));
+                        const bool cap = softcap > 0.f;
+                        const float cap_in = cap ? p.scale / softcap : 0.f, cap_out = softcap * CUFLASH_LOG2E;
+                        const float slope2 =
+                            p.alibi == nullptr ? 0.f : p.alibi[(i64)b * p.alibi_batch_stride + h] * CUFLASH_LOG2E;
+#pragma unroll
+                        for (int nt = 0; nt < kNT; ++nt) {
+                            const float2 l2 = lds_f32x2(vec + 4 * (8 * nt + 2 * tq));
+                            const float2 d2 = lds_f32x2(vec + 4 * BM + 4 * (8 * nt + 2 * tq));
+#pragma unroll
+                            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                                for (int e = 0; e < 2; ++e) {
+                                    const int x = 4 * nt + 2 * hh + e;
+                                    const float raw = sacc[x];
+                                    float t = 0.f, sc;
+                                    if (cap) {
+                                        t = sm80::tanh_abs_accurate(raw * cap_in);
+                                        sc = cap_out * t;
+                                    } else {
+                                        sc = raw * p.scale_log2;
+                                    }
+                                    // |i + shift - j|
+                                    const int rel = m0 + 8 * nt + 2 * tq + e + shift - (kw0 + wrow + 8 * hh);
+                                    sc = fmaf(-slope2, fabsf((float)rel), sc);
+                                    const float pr = ex2(keep(nt, hh, e) ? sc - (e ? l2.y : l2.x) : -INFINITY);
+                                    sacc[x] = pr;
+                                    dpacc[x] = pr * (dpacc[x] - (e ? d2.y : d2.x)) * fmaf(-t, t, 1.f);
+                                }
+                        }
+                    }
+                    pack(sacc, pa);
+                    pack(dpacc, da);
+                    wgmma_fence();
+                    issue_dv();
+                    issue_dk();
+                    wgmma_commit();
+                }
+
+                float dq[kNQ / 2];
+                if (!(MODE & kModeNoDQ)) {
+                    // ---- dS^T -> shared memory: row = key (64 cw + wrow + 8 hh), 64-query blocks ------------
+                    const u32 dsb = sdS + (g & 1) * Tr::kDSBytes;
+#pragma unroll
+                    for (int ks = 0; ks < kKSM; ++ks)
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) {
+                            const int nt = 2 * ks + (j >> 1), hh = j & 1;
+                            const int r = 64 * cw + wrow + 8 * hh;
+                            const u32 addr = dsb + (nt >> 3) * (BN * 128) + r * 128 + (((nt & 7) ^ (lane >> 2)) << 4) + 4 * tq;
+                            sm80::sts_u32(addr, da[ks][j]);
+                        }
+                    fence_proxy_async();
+                    named_bar_sync(kBarDS, 256);
+                    // ---- dQ = dS K (64 query rows x kNQ columns of this consumer, k = BN keys) ------------
+                    const u32 abase = dsb + (Tr::kDQByRows ? cw * (BN * 128) : 0);
+                    const u32 bbase = sK + (Tr::kDQByRows ? 0 : cw * (BN * 128));
+                    wgmma_fence();
+#pragma unroll
+                    for (int ks = 0; ks < kKSN; ++ks)
+                        Wgmma<T, kNQ>::ss_mnmajor(dq, smem_desc_sw128(abase + ks * 2048, BN * 128, 1024),
+                                                  smem_desc_sw128(bbase + ks * 2048, BN * 128, 1024), ks > 0);
+                    wgmma_commit();
+                }
+                wgmma_wait<0>();
+                fence_regs<D / 2>(dv);
+                fence_regs<D / 2>(dk);
+                fence_regs<kKSM * 4>(&pa[0][0]);
+                fence_regs<kKSM * 4>(&da[0][0]);
+                if (!(MODE & kModeNoDQ)) fence_regs<kNQ / 2>(dq);
+                release(q_empty(s));
+
+                if (!(MODE & kModeNoDQ)) {
+                    // ---- dQ -> dq_accum: lane pairs (tq, tq ^ 1) swap halves for 16-byte reductions ---------
+                    // even tq: row wrow, columns 4 (tq / 2) .. + 3 of each n8 tile; odd tq: row wrow + 8.
+                    const int ft = sm80::opaque(tid);  // lane math recomputed here, not held across the loop
+                    const bool odd = ft & 1;
+                    const int row = m0 + (Tr::kDQByRows ? 64 * cw : 0) + 16 * (warp & 3) + ((ft & 31) >> 2) + (odd ? 8 : 0);
+                    float* dst = p.dq_accum + (p.deterministic ? (i64)sreg_ctaid_x() * p.batch * p.nheads * sq_pad * D : (i64)0)
+                               + (((i64)b * p.nheads + h) * sq_pad + row) * D + (Tr::kDQByRows ? 0 : 64 * cw) + 4 * ((ft & 3) >> 1);
+#pragma unroll
+                    for (int nt = 0; nt < kNQ / 8; ++nt) {
+                        const float x0 = odd ? dq[4 * nt + 0] : dq[4 * nt + 2];
+                        const float x1 = odd ? dq[4 * nt + 1] : dq[4 * nt + 3];
+                        const float y0 = __shfl_xor_sync(0xffffffffu, x0, 1);
+                        const float y1 = __shfl_xor_sync(0xffffffffu, x1, 1);
+                        if (odd) red_add_v4(dst + 8 * nt, y0, y1, dq[4 * nt + 2], dq[4 * nt + 3]);
+                        else red_add_v4(dst + 8 * nt, dq[4 * nt + 0], dq[4 * nt + 1], y0, y1);
+                    }
+                }
+            }
+            release(kv_empty);  // the last step's MMAs (the last to read K and V) have retired
+            ++kbl;
+        }
+
+        // ---- epilogue: dK * scale and dV in T, straight from the fragments ------------------------------
+        {
+            const float sc = p.scale;
+            const int hd = p.headdim;
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const int j = kw0 + wrow + 8 * hh;
+                if (j < sk) {
+                    T* dkr = (T*)p.dk + (i64)b * p.dk_batch_stride + (i64)hk * p.dk_head_stride + (i64)j * p.dk_row_stride;
+                    T* dvr = (T*)p.dv + (i64)b * p.dv_batch_stride + (i64)hk * p.dv_head_stride + (i64)j * p.dv_row_stride;
+#pragma unroll
+                    for (int nt = 0; nt < D / 8; ++nt) {
+                        const int col = 8 * nt + 2 * tq;
+                        if (col < hd) {  // head dims are multiples of 8 here: the pair is whole
+                            stg_u32(dkr + col, pack2<T>(dk[4 * nt + 2 * hh] * sc, dk[4 * nt + 2 * hh + 1] * sc));
+                            stg_u32(dvr + col, pack2<T>(dv[4 * nt + 2 * hh], dv[4 * nt + 2 * hh + 1]));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+}  // namespace cuflash

@@ -1,0 +1,178 @@
+"""CPU tests of the Hopper backward (``kernels_cu/bwd_sm90.cu``, ``cuflash/_launch_bwd_sm90.py``). No GPU.
+
+* Compilation: every variant ``_launch_bwd_sm90.variants("sm_90a")`` lists (and the debugging MODE
+  variants) compiles through NVRTC for sm_90a with no spills, no stack frame and no serialised-wgmma
+  message from ptxas; the host tile table equals the kernel traits (static_asserts compiled by NVRTC); no
+  variant is listed for other architectures; precompile lists them.
+* Host plan: tiles, head dims taken, grids, splits, scratch shapes, without a GPU.
+* Block model: the kernel's query-block range and its "this tile needs no mask" decision, mirrored in
+  Python, checked by brute force against the mask rule (every kept pair visited; no pair skipped by the
+  unmasked fast path is masked).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from cuflash import _compile
+
+pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) not installed")
+
+from cuflash import _launch, _launch_bwd_sm90 as L  # noqa: E402
+
+from .compile_util import compile_variants, requires_nvrtc  # noqa: E402
+
+SMEM_LIMIT = 227 * 1024
+
+
+# ==== variants and compilation ========================================================================
+
+def test_variants_only_for_sm90a():
+    assert L.variants("sm_80") == [] and L.variants("sm_86") == [] and L.variants("sm_100") == []
+    v = L.variants("sm_90a")
+    assert len(v) == len(set(v)) == 2 * len(L.TILES) == 4
+    assert {f for f, _ in v} == {"bwd_sm90.cu"}
+    for t in L.TILES.values():
+        assert t.smem + 1024 <= SMEM_LIMIT  # + the static (1024-aligned) barrier block
+    from cuflash._precompile import all_variants
+
+    assert set(v) <= set(all_variants("sm_90a")) and not set(v) & set(all_variants("sm_80"))
+    # preprocess and convert come from bwd_sm80.cu, which the sm80 path lists for sm_90a
+    from cuflash import _launch_bwd_sm80
+
+    names = {n for _, n in _launch_bwd_sm80.variants("sm_90a")}
+    for dt in L._DTYPES:
+        k = L.kernel_names(dt, L.TILES[64])
+        assert k["preprocess"] in names and k["convert"] in names
+
+
+@requires_nvrtc
+def test_every_variant_compiles_without_spills_or_serialised_wgmma():
+    extra = [(L.FILE, L.kernel_name("bfloat16", t, m)) for t in L.TILES.values() for m in (1, 2, 3, 4)]
+    res = compile_variants(lambda arch: L.variants(arch) + extra, ("sm_90a",))
+    assert len(res) == len(L.variants("sm_90a")) + len(extra)
+    for (arch, f, n), (r, _path) in res.items():
+        if (f, n) in L.variants(arch):  # the debugging MODE variants only have to compile (a few may spill)
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, (n, r)
+        assert r["registers"] <= 168, (n, r)  # 384 threads, one block per SM (setmaxnreg redistributes)
+        c = _compile.compile_cubin(f, (n,), arch)  # cache hit: its ptxas log
+        log = getattr(c, "log", "") or ""
+        bad = [ln for ln in log.splitlines() if "serialized" in ln or "Performance Loss" in ln]
+        assert not bad or (f, n) not in L.variants(arch), (n, bad)
+
+
+@requires_nvrtc
+def test_host_table_matches_kernel_traits():
+    src = _compile.build_source(L.FILE) + "\n" + "\n".join(L.expected_traits_checks()) + "\n"
+    _compile._nvrtc_compile(src, "bwd_sm90_traits_check.cu", (), _compile._options("sm_90a", ()))
+
+
+# ==== host plan ==========================================================================================
+
+class _Arr:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def _run(b=2, sq=300, sk=77, h=6, hk=2, d=128, dtype="bfloat16", deterministic=False):
+    return _launch.Run(device_id=0, arch="sm_90a", stream=None, dtype=dtype, q=_Arr((b, sq, h, d)),
+                       k=_Arr((b, sk, hk, d)), v=_Arr((b, sk, hk, d)), deterministic=deterministic)
+
+
+def test_tile_for_head_dims():
+    for hd in range(1, 257):
+        t = L.tile_for(hd)
+        r32 = -(-hd // 32) * 32
+        if r32 in (64, 128):
+            assert t is not None and t.headdim_bucket == r32
+        else:
+            assert t is None, hd
+    assert L.TILES[64].block_m == 128 and L.TILES[128].block_m == 64
+
+
+def test_plan_grids_and_names():
+    run = _run()
+    pl = L.plan(run, mode_=0)
+    t = L.TILES[128]
+    assert pl["tile"] == t and pl["splits"] == 1 and pl["sq_pad"] == 384 and pl["n_blocks"] == 1
+    assert pl["grid_main"] == (1, 2, 2)
+    assert pl["grid_rows"] == (384 // 32, 6, 2) and pl["grid_convert"] == (-(-300 // 32), 6, 2)
+    assert pl["names"]["main"] == "cuflash::bwd_sm90<cuflash::bf16_t, 128, 64, 2, 0>"
+    assert pl["names"]["preprocess"] == "cuflash::bwd_sm80_preprocess<cuflash::bf16_t>"
+    assert pl["names"]["convert"] == "cuflash::bwd_sm80_dq_convert<cuflash::bf16_t>"
+    run = _run(sq=1000, sk=1537, d=64, dtype="float16", deterministic=True)
+    pl = L.plan(run, splits=5, mode_=0)
+    assert pl["splits"] == 5 and pl["grid_main"] == (5, 2, 2) and pl["n_blocks"] == 13
+    assert pl["names"]["main"] == "cuflash::bwd_sm90<cuflash::half_t, 64, 128, 2, 0>"
+    assert L.plan(run, splits=99, mode_=0)["splits"] == 13       # at most one split per key block
+    auto = L.plan(run, mode_=0)["splits"]
+    assert 1 <= auto <= 13
+
+
+def test_supports_rejects_without_gpu_arrays():
+    # wrong arch / dtype / dropout / head dims: rejected before any array is inspected
+    assert not L.supports(_launch.Run(**{**_run().__dict__, "arch": "sm_80"}))
+    assert not L.supports(_launch.Run(**{**_run().__dict__, "dtype": "float32"}))
+    assert not L.supports(_launch.Run(**{**_run().__dict__, "dropout_p": 0.1}))
+    for d in (32, 96, 160, 256):
+        assert not L.supports(_run(d=d)), d
+
+
+# ==== block model ========================================================================================
+
+def _query_block_range(n0, sq, sk, wl, wr, bm, bn=128):
+    shift = sk - sq
+    n1 = min(n0 + bn, sk) - 1
+    i_lo, i_hi = 0, sq - 1
+    if wr >= 0:
+        i_lo = max(i_lo, n0 - shift - wr)
+    if wl >= 0:
+        i_hi = min(i_hi, n1 - shift + wl)
+    m_first = i_lo // bm
+    n_m = i_hi // bm - m_first + 1 if i_lo <= i_hi else 0
+    return m_first, n_m
+
+
+def _need_mask(kw0, m0, sq, sk, wl, wr, bm):
+    shift = sk - sq
+    right_lim = sk - 1 if wr < 0 else min(sk - 1, m0 + shift + wr)
+    return kw0 + 63 > right_lim or (wl >= 0 and kw0 < m0 + bm - 1 + shift - wl)
+
+
+def _kept(i, j, sq, sk, wl, wr):
+    ipos = i + sk - sq
+    lo = 0 if wl < 0 else ipos - wl
+    hi = sk - 1 if wr < 0 else np.minimum(sk - 1, ipos + wr)
+    return (j >= lo) & (j <= hi)
+
+
+@pytest.mark.parametrize("bm", [64, 128])
+def test_block_model_ranges_and_mask_decisions(bm):
+    cases = list(itertools.product((1, 77, 128, 300, 520), (1, 77, 128, 300, 520),
+                                   ((-1, -1), (-1, 0), (17, 5), (0, 0), (100, -1), (-1, 37))))
+    for sq, sk, (wl, wr) in cases:
+        i = np.arange(sq)[:, None]
+        j = np.arange(sk)[None, :]
+        keep = _kept(i, j, sq, sk, wl, wr)
+        for nb in range(-(-sk // 128)):
+            n0 = nb * 128
+            m_first, n_m = _query_block_range(n0, sq, sk, wl, wr, bm)
+            visited = np.zeros(sq, bool)
+            for mi in range(n_m):
+                m0 = (m_first + mi) * bm
+                assert 0 <= m0 < sq
+                visited[m0:m0 + bm] = True
+                for cw in (0, 1):
+                    kw0 = n0 + 64 * cw
+                    if not _need_mask(kw0, m0, sq, sk, wl, wr, bm):
+                        # the fast path keeps every (row < sq, key) pair of the consumer's tile
+                        rows = np.arange(m0, min(m0 + bm, sq))[:, None]
+                        keys = np.arange(kw0, kw0 + 64)[None, :]
+                        assert (keys < sk).all(), (sq, sk, wl, wr, n0, m0, cw)
+                        assert _kept(rows, keys, sq, sk, wl, wr).all(), (sq, sk, wl, wr, n0, m0, cw)
+            # every row that keeps a key of the block is in a visited query block
+            rows_needed = keep[:, n0:n0 + 128].any(axis=1)
+            assert not (rows_needed & ~visited).any(), (sq, sk, wl, wr, n0)
