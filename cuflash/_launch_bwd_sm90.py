@@ -68,6 +68,9 @@ TILES = {
 HEADDIM_BUCKETS = tuple(sorted(TILES))
 
 
+MODE_REVERSE = 8  # bwd_sm90.cu kModeReverse
+
+
 def tile_for(headdim: int) -> Sm90BwdTile | None:
     """The tile of a head dim, None where this path does not take it (dq_accum's row is headdim rounded up
     to 32, which must be the bucket)."""
@@ -100,7 +103,14 @@ def variants(arch: str | None = None) -> list[tuple[str, str]]:
     listed by ``_launch_bwd_sm80.variants``)."""
     if arch is not None and arch != "sm_90a":
         return []
-    return [(FILE, kernel_name(dt, t)) for dt in _DTYPES for t in TILES.values()]
+    # MODE 0: the default; MODE_REVERSE: the ordered deterministic mode (query blocks last to first)
+    return [(FILE, kernel_name(dt, t, m)) for dt in _DTYPES for t in TILES.values() for m in modes(t)]
+
+
+def modes(tile: Sm90BwdTile) -> tuple[int, ...]:
+    """MODE values the dispatcher launches for a tile: MODE_REVERSE only at d128 (at d64 the reversed
+    walk costs ptxas 8 bytes of spills; d64's ordered mode walks first to last)."""
+    return (0, MODE_REVERSE) if tile.headdim_bucket == 128 else (0,)
 
 
 def _specs(run: Run, tile: Sm90BwdTile):
@@ -144,20 +154,24 @@ def plan(run: Run, splits: int | None = None, tile: Sm90BwdTile | None = None, m
         raise ValueError(f"cuflash: the sm90 backward takes no head dim {run.headdim}")
     b, h, hk, sq, sk = run.batch, run.nheads, run.nheads_k, run.seqlen_q, run.seqlen_k
     n_blocks = _cdiv(sk, tile.block_n)
-    if not run.deterministic:
-        splits = 1
-    elif splits is None:
-        splits = _launch_bwd_sm80.deterministic_splits(b, h, hk, sq, sk, tile,
-                                                       _launch_bwd_sm80._num_sms(run.device_id))
-    splits = max(1, min(int(splits), n_blocks))
+    # Deterministic mode: ordered (the default: one block per key block, dQ additions in key-block order
+    # through per-query-block counters) or, with ``splits`` given or a left window, the sm80 path's
+    # per-split dQ copies.
+    # Ordered needs every key block from 0 up to a query block's last to visit it: no left window.
+    ordered = bool(run.deterministic) and splits is None and run.window[0] < 0
+    if run.deterministic and not ordered and splits is None:
+        splits = _launch_bwd_sm80.deterministic_splits(b, h, hk, sq, sk, tile, _launch_bwd_sm80._num_sms(run.device_id))
+    splits = 1 if not run.deterministic or ordered else max(1, min(int(splits), n_blocks))
     sq_pad = _cdiv(sq, PAD_ROWS) * PAD_ROWS
     ld = _cdiv(run.headdim, 32) * 32
     assert ld == tile.headdim_bucket, "dq_accum rows must be the kernel's bucket"
     return {
-        "tile": tile, "names": kernel_names(run.dtype, tile, mode() if mode_ is None else mode_),
-        "splits": splits, "sq_pad": sq_pad, "n_blocks": n_blocks,
+        "tile": tile,
+        "names": kernel_names(run.dtype, tile, (mode() if mode_ is None else mode_) | (MODE_REVERSE if ordered and MODE_REVERSE in modes(tile) else 0)),
+        "splits": splits, "sq_pad": sq_pad, "n_blocks": n_blocks, "ordered": ordered,
+        "counters": b * h * _cdiv(sq, tile.block_m) if ordered else 0,
         "grid_rows": (sq_pad // _launch_bwd_sm80.ROWS_PER_BLOCK, h, b),
-        "grid_main": (splits if run.deterministic else n_blocks, hk, b),
+        "grid_main": (splits if run.deterministic and not ordered else n_blocks, hk, b),
         "grid_convert": (_cdiv(sq, _launch_bwd_sm80.ROWS_PER_BLOCK), h, b),
     }
 
@@ -176,7 +190,13 @@ def backward_sm90(run: Run, splits: int | None = None, tile: Sm90BwdTile | None 
     run.scratch["bwd_sm90_vec"] = vec            # kept alive with the run (the launches are asynchronous)
     run.scratch["bwd_sm90_dq_accum"] = dq_accum
     _launch.memset(run, dq_accum)
-    params = run.params(dsum=ptr(vec), dq_accum=ptr(dq_accum), num_splits=pl["splits"])
+    extra = {}
+    if pl["ordered"]:
+        counters = _launch.empty(run, (pl["counters"],), "int32")
+        run.scratch["bwd_sm90_counters"] = counters
+        _launch.memset(run, counters)
+        extra["counters"] = ptr(counters)
+    params = run.params(dsum=ptr(vec), dq_accum=ptr(dq_accum), num_splits=pl["splits"], **extra)
     rows = (_launch_bwd_sm80.ROW_THREADS,)
     launch(run, _launch_bwd_sm80.FILE, names["preprocess"], pl["grid_rows"], rows, params)
     launch(run, FILE, names["main"], pl["grid_main"], (THREADS,), params, tile.smem, maps=_specs(run, tile))

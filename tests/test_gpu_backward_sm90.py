@@ -240,9 +240,11 @@ def test_sm90_default_and_deterministic_agree(sm90):
     b = _grads(q, k, v, do, None, "bfloat16", opts, deterministic=True)
     x, y = to_numpy64(a[0]), to_numpy64(b[0])
     assert np.max(np.abs(x - y)) <= 2e-2 * max(1.0, np.max(np.abs(y)))  # dQ: fp32 sums in another order
-    # dK and dV come from the same per-key-block code in both modes: bitwise equal
-    assert np.array_equal(to_numpy64(a[1]), to_numpy64(b[1]))
-    assert np.array_equal(to_numpy64(a[2]), to_numpy64(b[2]))
+    # dK and dV: the same per-key-block code, but the ordered deterministic mode walks the query blocks
+    # last to first at d128 (MODE_REVERSE): fp32 sums in another order, equal up to rounding
+    for i in (1, 2):
+        x, y = to_numpy64(a[i]), to_numpy64(b[i])
+        assert np.max(np.abs(x - y)) <= 2e-2 * max(1.0, np.max(np.abs(y)))
 
 
 # ---- routes into the path ---------------------------------------------------------------------------------------
