@@ -220,7 +220,7 @@ def sm90_calls(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_api_picks_sm90(sm90_calls, dtype):
-    """On an H100, fp16 / bf16 prefill goes to this path; decoding and dropout go to sm80."""
+    """On an H100, fp16 / bf16 prefill goes to this path (with dropout too); decoding goes to the decode path."""
     import cuflash
     from cuflash import _api
 
@@ -241,8 +241,9 @@ def test_api_picks_sm90(sm90_calls, dtype):
     n = len(sm90_calls)
     dec = cupy.asarray(randn(rng, (4, 1, 16, 128), dtype).astype(NP_DTYPES[dtype]))
     cuflash.attention(dec, tk, tv)
+    assert len(sm90_calls) == n, "decoding (decode path) must not take this one"
     cuflash.attention(tq, tk, tv, dropout_p=0.1, seed=1)
-    assert len(sm90_calls) == n, "decoding (decode path) and dropout (sm80 path) must not take this one"
+    assert len(sm90_calls) == n + 1, "dropout has DROPOUT variants on this path"
 
 
 def test_replay_new_pointers(sm90_calls):
