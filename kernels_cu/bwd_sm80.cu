@@ -216,11 +216,7 @@ bwd_sm80(const Params p) {
     extern __shared__ __align__(1024) unsigned char smem[];
 
     const u32 s0 = smem_addr(smem);
-    {   // The host must have given the traits' dynamic shared memory: fail loudly, never corrupt.
-        u32 dyn;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-        if (dyn < (u32)Tr::kSmemBytes || (s0 & 127u) != 0) __trap();
-    }
+    require_dynamic_smem(Tr::kSmemBytes, s0, 128);
 
     const int tid = threadIdx.x;
     const int hk = blockIdx.y, b = blockIdx.z;

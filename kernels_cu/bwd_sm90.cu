@@ -113,11 +113,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     // from here (volatile) instead of holding them (see fwd_sm90.cu).
     __shared__ int shape_s[7];
 
-    {   // The host must have given the traits' dynamic shared memory: fail loudly, never corrupt.
-        u32 dyn;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-        if (dyn < (u32)Tr::kSmemBytes) __trap();
-    }
+    require_dynamic_smem(Tr::kSmemBytes);  // (the window is aligned up to 1024 bytes below)
     const u32 s0 = (smem_addr(smem) + 1023u) & ~1023u;
     const u32 sK = s0 + Tr::kOffK, sV = s0 + Tr::kOffV, sQ = s0 + Tr::kOffQ, sdO = s0 + Tr::kOffdO;
     const u32 sdS = s0 + Tr::kOffdS, sVec = s0 + Tr::kOffVec;
@@ -128,13 +124,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
 
     const int wg = __shfl_sync(0xffffffffu, (int)threadIdx.x >> 7, 0);
     if (threadIdx.x == 0) {
-        shape_s[0] = p.seqlen_q;
-        shape_s[1] = p.seqlen_k;
-        shape_s[2] = p.nheads;
-        shape_s[3] = p.nheads_k;
-        shape_s[4] = p.batch;
-        shape_s[5] = p.window_left;
-        shape_s[6] = p.window_right;
+        store_shape(shape_s, p);
         mbar_init(kv_full, 1);
         mbar_init(kv_empty, 8);  // one arrival per consumer warp
         for (int s = 0; s < STAGES; ++s) {

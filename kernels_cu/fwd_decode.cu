@@ -149,11 +149,7 @@ fwd_decode(const Params p) {
     constexpr int kKS2 = Tr::kKS2, kThreads = Tr::kThreads;
     extern __shared__ __align__(1024) unsigned char smem[];
 
-    {   // The host must have given the traits' dynamic shared memory: fail loudly, never corrupt.
-        u32 dyn;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-        if (dyn < (u32)Tr::kSmemBytes || (smem_addr(smem) & 127u) != 0) __trap();
-    }
+    require_dynamic_smem(Tr::kSmemBytes, smem_addr(smem), 128);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 

@@ -191,11 +191,7 @@ fwd_sm80(const Params p) {
     constexpr bool kDropLate = kMT * kNT <= 8;
     extern __shared__ __align__(1024) unsigned char smem[];
 
-    {   // The host must have given the traits' dynamic shared memory: fail loudly, never corrupt.
-        u32 dyn;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-        if (dyn < (u32)Tr::kSmemBytes || (smem_addr(smem) & 127u) != 0) __trap();
-    }
+    require_dynamic_smem(Tr::kSmemBytes, smem_addr(smem), 128);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, tq = lane & 3;  // mma fragment row group and column pair

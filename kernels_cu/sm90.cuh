@@ -67,6 +67,20 @@ __device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk
 __device__ __forceinline__ void tma_store_wait_read() {
     asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
 }
+// The problem scalars a producer thread re-reads per tile (volatile, from shared memory: a volatile read
+// of the __grid_constant__ parameter itself was miscompiled by NVRTC 13.0): seqlen_q, seqlen_k, nheads,
+// nheads_k, batch, window_left, window_right.
+template <class P>
+__device__ __forceinline__ void store_shape(int (&shape)[7], const P& p) {
+    shape[0] = p.seqlen_q;
+    shape[1] = p.seqlen_k;
+    shape[2] = p.nheads;
+    shape[3] = p.nheads_k;
+    shape[4] = p.batch;
+    shape[5] = p.window_left;
+    shape[6] = p.window_right;
+}
+
 __device__ __forceinline__ void prefetch_tma_desc(const TmaDesc* map) {
     asm volatile("prefetch.tensormap [%0];" ::"l"(map) : "memory");
 }

@@ -92,4 +92,12 @@ __device__ __forceinline__ int sreg_nctaid_x() {
     return x;
 }
 
+// The host must have given the kernel its traits' dynamic shared memory (and, where the kernel relies on
+// it, a base aligned to `align` bytes): trap otherwise, loudly, rather than corrupt memory.
+__device__ __forceinline__ void require_dynamic_smem(u32 bytes, u32 base = 0, u32 align = 1) {
+    u32 dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < bytes || (base & (align - 1u)) != 0) __trap();
+}
+
 }  // namespace cuflash
