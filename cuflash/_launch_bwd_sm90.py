@@ -7,11 +7,12 @@ bucket D for every head dim this path takes)::
 
     (memset)                          dq_accum = 0
     bwd_sm80_preprocess<T>            D = rowsum(dO * O), L = lse * log2(e) (+inf for rows without keys)
-    bwd_sm90<T, D, BM, STAGES, MODE>  dK, dV per key block of 128 keys; dQ by red.add into dq_accum
+    bwd_sm90<T, D, BM, STAGES, MODE[, true]>  dK, dV per key block of 128 keys; dQ by red.add into
+                                      dq_accum (true: the dropout variant, keep bits from RNG warps)
     bwd_sm80_dq_convert<T>            dq = scale * (sum of the dq_accum splits)
 
-``supports(run)``: fp16 / bf16 on sm_90a, no dropout, head dims whose 32-rounding is a bucket here (33..64
-and 97..128: the sm80 path's dq_accum row length is then the bucket), operands the copy engine can
+``supports(run)``: fp16 / bf16 on sm_90a (with or without dropout; not dropout with softcap or ALiBi at
+d64), head dims whose 32-rounding is a bucket here (33..64 and 97..128: the sm80 path's dq_accum row length is then the bucket), operands the copy engine can
 address, and everything ``_launch_bwd_sm80.supports`` requires (the fallback). Other runs take the sm80
 path. ``CUFLASH_DISABLE_SM90=1`` or ``CUFLASH_DISABLE_SM90_BWD=1`` turns this path off;
 ``CUFLASH_BWD_SM90_MODE=<int>`` launches another variant (bwd_sm90.cu, MODE bits: 1 skips dQ, 2 skips
@@ -22,7 +23,7 @@ results; serialised wgmma / spills today, see bwd_sm90.cu)).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import _launch, _launch_bwd_sm80, _tma
 from ._launch import CTYPES, Run, launch, ptr
@@ -43,14 +44,16 @@ class Sm90BwdTile:
     block_m: int        # query rows per step
     stages: int = 2     # Q / dO / L / D ring slots
     block_n: int = BLOCK_N
+    dropout: bool = False  # the DROPOUT variant (keep-bit ring filled by the producer's RNG warps)
     threads = THREADS
 
     @property
     def smem(self) -> int:
         """Dynamic shared memory (kSmemBytes): 1024 alignment slack, K, V, the Q and dO slots, two dS^T
-        buffers, L and D per slot."""
+        buffers, L and D per slot, and with dropout the keep bits per slot (BN x BM bits)."""
         d, bm, bn, st = self.headdim_bucket, self.block_m, self.block_n, self.stages
-        return 1024 + 2 * bn * d * 2 + 2 * st * bm * d * 2 + 2 * bn * bm * 2 + st * 2 * bm * 4
+        keep = bn * bm // 8 if self.dropout else 0
+        return 1024 + 2 * bn * d * 2 + 2 * st * bm * d * 2 + 2 * bn * bm * 2 + st * 2 * bm * 4 + st * keep
 
     @property
     def flops_per_step(self) -> int:
@@ -69,12 +72,14 @@ HEADDIM_BUCKETS = tuple(sorted(TILES))
 
 
 MODE_REVERSE = 8  # bwd_sm90.cu kModeReverse
+MODE_OVERLAP = 4  # bwd_sm90.cu kModeOverlap
 
 
-def tile_for(headdim: int) -> Sm90BwdTile | None:
-    """The tile of a head dim, None where this path does not take it (dq_accum's row is headdim rounded up
-    to 32, which must be the bucket)."""
-    return TILES.get(-(-headdim // 32) * 32)
+def tile_for(headdim: int, dropout: bool = False) -> Sm90BwdTile | None:
+    """The tile of a head dim (its dropout variant with ``dropout``), None where this path does not take
+    it (dq_accum's row is headdim rounded up to 32, which must be the bucket)."""
+    t = TILES.get(-(-headdim // 32) * 32)
+    return replace(t, dropout=True) if t is not None and dropout else t
 
 
 def mode() -> int:
@@ -85,8 +90,9 @@ def mode() -> int:
 
 
 def kernel_name(dtype: str, tile: Sm90BwdTile, mode_: int = 0) -> str:
+    drop = ", true" if tile.dropout else ""
     return (f"cuflash::bwd_sm90<{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.block_m}, {tile.stages}, "
-            f"{int(mode_)}>")
+            f"{int(mode_)}{drop}>")
 
 
 def kernel_names(dtype: str, tile: Sm90BwdTile, mode_: int = 0) -> dict[str, str]:
@@ -103,8 +109,10 @@ def variants(arch: str | None = None) -> list[tuple[str, str]]:
     listed by ``_launch_bwd_sm80.variants``)."""
     if arch is not None and arch != "sm_90a":
         return []
-    # MODE 0: the default; MODE_REVERSE: the ordered deterministic mode (query blocks last to first)
-    return [(FILE, kernel_name(dt, t, m)) for dt in _DTYPES for t in TILES.values() for m in modes(t)]
+    # MODE 0: the default; MODE_REVERSE: the ordered deterministic mode (query blocks last to first);
+    # each without and with dropout
+    tiles = [t for t0 in TILES.values() for t in (t0, replace(t0, dropout=True))]
+    return [(FILE, kernel_name(dt, t, m)) for dt in _DTYPES for t in tiles for m in modes(t)]
 
 
 def modes(tile: Sm90BwdTile) -> tuple[int, ...]:
@@ -124,10 +132,13 @@ def supports(run: Run) -> bool:
         return False
     if os.environ.get("CUFLASH_DISABLE_SM90") == "1" or os.environ.get("CUFLASH_DISABLE_SM90_BWD") == "1":
         return False
-    if run.dropout_p > 0 or not 1 <= run.headdim <= 256:
+    if not 1 <= run.headdim <= 256:
         return False
-    tile = tile_for(run.headdim)
+    tile = tile_for(run.headdim, run.dropout_p > 0)
     if tile is None:
+        return False
+    # the d64 dropout variant has no softcap / ALiBi code (bwd_sm90.cu: ptxas spills with it)
+    if tile.dropout and tile.headdim_bucket == 64 and (run.softcap > 0 or run.alibi is not None):
         return False
     if min(run.batch, run.seqlen_q, run.seqlen_k, run.nheads, run.nheads_k) < 1 or run.nheads % run.nheads_k:
         return False
@@ -143,13 +154,20 @@ def supports(run: Run) -> bool:
     return True
 
 
+def _mode_bits(tile: Sm90BwdTile, mode_: int | None, ordered: bool) -> int:
+    m = mode() if mode_ is None else mode_
+    if tile.dropout:
+        m &= ~MODE_OVERLAP  # the dropout variants take the serial schedule only
+    return m | (MODE_REVERSE if ordered and MODE_REVERSE in modes(tile) else 0)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
 def plan(run: Run, splits: int | None = None, tile: Sm90BwdTile | None = None, mode_: int | None = None) -> dict:
     """Tile, kernel names, splits and grids of this run (exposed for tests and benchmarks)."""
-    tile = tile or tile_for(run.headdim)
+    tile = tile or tile_for(run.headdim, run.dropout_p > 0)
     if tile is None:
         raise ValueError(f"cuflash: the sm90 backward takes no head dim {run.headdim}")
     b, h, hk, sq, sk = run.batch, run.nheads, run.nheads_k, run.seqlen_q, run.seqlen_k
@@ -167,7 +185,7 @@ def plan(run: Run, splits: int | None = None, tile: Sm90BwdTile | None = None, m
     assert ld == tile.headdim_bucket, "dq_accum rows must be the kernel's bucket"
     return {
         "tile": tile,
-        "names": kernel_names(run.dtype, tile, (mode() if mode_ is None else mode_) | (MODE_REVERSE if ordered and MODE_REVERSE in modes(tile) else 0)),
+        "names": kernel_names(run.dtype, tile, _mode_bits(tile, mode_, ordered)),
         "splits": splits, "sq_pad": sq_pad, "n_blocks": n_blocks, "ordered": ordered,
         "counters": b * h * _cdiv(sq, tile.block_m) if ordered else 0,
         "grid_rows": (sq_pad // _launch_bwd_sm80.ROWS_PER_BLOCK, h, b),
@@ -206,8 +224,9 @@ def backward_sm90(run: Run, splits: int | None = None, tile: Sm90BwdTile | None 
 def expected_traits_checks() -> list[str]:
     """static_asserts tying the host table to the kernel traits (compiled by the CPU test)."""
     out = []
-    for t in TILES.values():
-        tr = f"cuflash::Sm90BwdTraits<{t.headdim_bucket}, {t.block_m}, {t.stages}>"
+    for t in [t for t0 in TILES.values() for t in (t0, replace(t0, dropout=True))]:
+        drop = ", true" if t.dropout else ""
+        tr = f"cuflash::Sm90BwdTraits<{t.headdim_bucket}, {t.block_m}, {t.stages}{drop}>"
         out.append(f"static_assert({tr}::kSmemBytes == {t.smem}, \"smem {t.headdim_bucket}\");")
         out.append(f"static_assert({tr}::kThreads == {t.threads} && {tr}::kBN == {t.block_n}, \"shape\");")
     return out

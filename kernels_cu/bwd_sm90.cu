@@ -30,6 +30,15 @@
 //                                                 between the consumers by rows (BM 128) or columns (BM 64)
 //       wait; release the slot; dQ -> dq_accum by red.global.add.v4.f32
 //     Epilogue per key block: dK * scale and dV from registers to global memory (32-bit stores).
+//   * DROPOUT (the variants for Params::dropout_p > 0; false compiles it out): warps 1 - 3 of the
+//     producer warpgroup (setmaxnreg 40; the consumers 232) draw the keep bits of every step, in the
+//     consumers' order, into a ring of STAGES slots of BN x BM bits (keep_full: every RNG thread arrives;
+//     the slot is reused after q_empty), laid out so that a consumer thread loads its own BM / 2 bits as
+//     one or two words (one Philox call per query and 8 keys gives a byte that spans 8 lanes: an RNG
+//     thread makes 8 calls and transposes the 8 x 8 bit block). The consumer folds Z r into dP^T before
+//     the softmax loop (dS = P (Z r dP - D), r = 1 / (1 - p)) and Z into the 16-bit P^T operand after
+//     it (dV += P Z dO; r in the epilogue). The mask is philox.cuh's, bit for bit. The d64 variant has no
+//     softcap / ALiBi code (ptxas spills with it): the host sends those runs to bwd_sm80.cu.
 //   * Out-of-range rows: TMA zero-fills Q / dO rows past seqlen_q (their L is +inf: P = 0) and K / V rows
 //     past seqlen_k (masked); head dims pad to the bucket (zero columns).
 //
@@ -93,14 +102,15 @@ template <bool B> struct BoolC { static constexpr bool value = B; };
 
 }  // namespace sm90bwd
 
-template <typename T, int D, int BM, int STAGES, int MODE = 0>
+template <typename T, int D, int BM, int STAGES, int MODE = 0, bool DROPOUT = false>
 __global__ void __launch_bounds__(384, 1)
 bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaMaps maps) {
     using namespace sm90;
     using namespace sm90bwd;
     using sm80::ex2;
     using sm80::smem_addr;
-    using Tr = Sm90BwdTraits<D, BM, STAGES>;
+    using Tr = Sm90BwdTraits<D, BM, STAGES, DROPOUT>;
+    static_assert(!(DROPOUT && (MODE & kModeOverlap)), "dropout takes the serial schedule");
     constexpr int BN = Tr::kBN;
     constexpr int kNT = BM / 8;    // n8 tiles of the S^T / dP^T fragments (queries)
     constexpr int kKSD = D / 16;   // k-steps over the head dim (S^T, dP^T)
@@ -112,24 +122,32 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     // seqlen_q, seqlen_k, nheads, nheads_k, batch, window_left, window_right: the producer re-reads them
     // from here (volatile) instead of holding them (see fwd_sm90.cu).
     __shared__ int shape_s[7];
+    __shared__ u32 seed_s[2];
+    __shared__ int rng_s[DROPOUT ? 8 * 96 : 1];  // DROPOUT: the RNG warps' loop state (below)  // DROPOUT: the Philox key words, re-read per call by the RNG warps (below)
 
     require_dynamic_smem(Tr::kSmemBytes);  // (the window is aligned up to 1024 bytes below)
     const u32 s0 = (smem_addr(smem) + 1023u) & ~1023u;
     const u32 sK = s0 + Tr::kOffK, sV = s0 + Tr::kOffV, sQ = s0 + Tr::kOffQ, sdO = s0 + Tr::kOffdO;
-    const u32 sdS = s0 + Tr::kOffdS, sVec = s0 + Tr::kOffVec;
+    const u32 sdS = s0 + Tr::kOffdS, sVec = s0 + Tr::kOffVec, sKeep = s0 + Tr::kOffKeep;
     const u32 bar0 = smem_addr(bars);
     const u32 kv_full = bar0, kv_empty = bar0 + 8u;
     auto q_full = [&](int s) { return bar0 + 8u * (2 + s); };
     auto q_empty = [&](int s) { return bar0 + 8u * (2 + STAGES + s); };
+    auto keep_full = [&](int s) { return bar0 + 8u * (2 + 2 * STAGES + s); };  // DROPOUT only
 
     const int wg = __shfl_sync(0xffffffffu, (int)threadIdx.x >> 7, 0);
     if (threadIdx.x == 0) {
         store_shape(shape_s, p);
+        if (DROPOUT) {
+            seed_s[0] = (u32)p.seed;
+            seed_s[1] = (u32)(p.seed >> 32) ^ (u32)(p.rng_offset >> 32);
+        }
         mbar_init(kv_full, 1);
         mbar_init(kv_empty, 8);  // one arrival per consumer warp
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(q_full(s), 1);
             mbar_init(q_empty(s), 8);
+            if (DROPOUT) mbar_init(keep_full(s), 96);  // every thread of the three RNG warps
         }
         mbar_init_fence();
     }
@@ -186,6 +204,85 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     }
                 }
             }
+        } else if (DROPOUT && sreg_tid() >= 32) {
+            // ---- RNG warps (1 - 3): the keep bits of every step, in the consumers' order ------------------
+            // Consumer thread u = 32 cwv + lane (cwv = 4 cw + (warp & 3), lane = 4 c + tq) finds the keep bit
+            // of its score element x = 4 nt + 2 hh + e (key n0 + 16 cwv + 8 hh + c, query
+            // m0 + 8 nt + 2 tq + e) at bit x % 32 of word u kKeepWords + x / 32. A task (cwv, tq, byte
+            // kb of the x range) makes the 8 Philox calls x = 8 kb .. 8 kb + 7 (each: the 8 keys c = 0..7
+            // of one query), transposes the 8 x 8 bit block (rows x, columns c) and stores byte kb of the
+            // eight lanes c. The slot is free again with q_empty.
+            auto fresh = [&](int i) { return *static_cast<const volatile int*>(&shape_s[i]); };
+            constexpr int kBytesPerLane = BM / 16;
+            constexpr int NPAR = 2;
+            // The walk's state lives in shared memory, a slot of 8 ints per thread (volatile: re-read where
+            // used, never held): the loop counters in registers beside the Philox chains would spill.
+            // st: 0 key block nb, 1 step g, 2 step of the key block it, 3 steps of the key block, 4 m0,
+            // 5 Philox counter word 2 (b nheads + h), 6 slot s.
+            volatile int* st = &rng_s[8 * (sreg_tid() - 32)];
+            st[0] = sreg_ctaid_x();
+            st[1] = 0;
+            for (;; st[0] = st[0] + sreg_nctaid_x()) {
+                if (st[0] * BN >= fresh(1)) break;
+                {
+                    int m_first, n_m;
+                    query_block_range<BM, BN>(st[0] * BN, fresh(0), fresh(1), fresh(5), fresh(6), m_first, n_m);
+                    st[3] = n_m * (fresh(2) / fresh(3));
+                }
+                for (st[2] = 0; st[2] < st[3]; st[2] = st[2] + 1, st[1] = st[1] + 1) {
+                    {
+                        const int g = st[1], s = g % STAGES;
+                        if (g >= STAGES) mbar_wait(q_empty(s), ((g / STAGES) & 1) ^ 1);
+                        int m_first, n_m;
+                        query_block_range<BM, BN>(st[0] * BN, fresh(0), fresh(1), fresh(5), fresh(6), m_first, n_m);
+                        const int it = st[2], hi = it / n_m, mi = it - hi * n_m;
+                        const int3 c = sreg_ctaid();
+                        st[4] = (m_first + ((MODE & kModeReverse) ? n_m - 1 - mi : mi)) * BM;
+                        st[5] = c.z * p.nheads + c.y * (fresh(2) / fresh(3)) + hi;
+                        st[6] = s;
+                    }
+                    {
+                        for (int tk = sreg_tid() - 32; tk < 32 * kBytesPerLane; tk += 96) {
+                            const int kb = tk % kBytesPerLane, tq = (tk / kBytesPerLane) & 3, cwv = tk / (4 * kBytesPerLane);
+                            const u32 cz = (u32)st[5];
+                            const u32 jw = (u32)((st[0] * BN + 16 * cwv) >> 3), iw = (u32)(st[4] + 16 * kb + 2 * tq);
+                            u64 blk = 0;  // byte t: the keep bits (bit c: key c) of element x = 8 kb + t
+#pragma unroll 1
+                            for (int t = 0; t < 8; t += NPAR) {  // NPAR independent calls at a time (latency)
+                                // (the key words re-read per round of calls: hoisted out of the loop, the 20
+                                // round keys would stay live)
+                                const u32 k0 = *static_cast<const volatile u32*>(&seed_s[0]);
+                                const u32 k1 = *static_cast<const volatile u32*>(&seed_s[1]);
+                                Philox4 r[NPAR];
+#pragma unroll
+                                for (int u = 0; u < NPAR; ++u) {
+                                    // element x = 8 kb + tt: n8 tile 2 kb + tt / 4, hh = (tt / 2) % 2, e = tt % 2
+                                    const int tt = t + u;
+                                    r[u] = Philox4{jw + (u32)((tt >> 1) & 1), iw + (u32)(8 * (tt >> 2) + (tt & 1)), cz,
+                                                   (u32)p.rng_offset};
+                                }
+                                philox4x32_10_n<NPAR>(r, k0, k1);
+#pragma unroll
+                                for (int u = 0; u < NPAR; ++u) blk |= (u64)dropout_keep_bits8(p, r[u]) << (8 * (t + u));
+                            }
+                            // 8 x 8 bit transpose (three exchanges of bit pairs, 2 x 2 and 4 x 4 blocks):
+                            // byte c, bit t <- byte t, bit c
+                            u64 d = (blk ^ (blk >> 7)) & 0x00AA00AA00AA00AAull;
+                            blk ^= d ^ (d << 7);
+                            d = (blk ^ (blk >> 14)) & 0x0000CCCC0000CCCCull;
+                            blk ^= d ^ (d << 14);
+                            d = (blk ^ (blk >> 28)) & 0x00000000F0F0F0F0ull;
+                            blk ^= d ^ (d << 28);
+                            const u32 base = sKeep + st[6] * Tr::kKeepBytes + (u32)((32 * cwv + tq) * (4 * Tr::kKeepWords) + kb);
+#pragma unroll
+                            for (int cc = 0; cc < 8; ++cc)
+                                asm volatile("st.shared.u8 [%0], %1;" ::"r"(base + cc * 16 * Tr::kKeepWords),
+                                             "r"((u32)(blk >> (8 * cc)) & 0xffu) : "memory");
+                        }
+                        mbar_arrive(keep_full(st[6]));
+                    }
+                }
+            }
         }
         return;
     }
@@ -203,7 +300,9 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     const int wl = p.window_left, wr = p.window_right;
     const int group = p.nheads / p.nheads_k;
     const int sq_pad = (sq + 127) / 128 * 128;
-    const bool transform = p.softcap > 0.f || p.alibi != nullptr;
+    // (the d64 dropout variants have no softcap / ALiBi, the host routes those runs to bwd_sm80.cu:
+    // ptxas spills otherwise)
+    const bool transform = !(DROPOUT && D == 64) && (p.softcap > 0.f || p.alibi != nullptr);
 
     auto release = [&](u32 bar) {  // this warp is done reading a slot
         __syncwarp();
@@ -363,6 +462,27 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     wgmma_wait<0>();
                     fence_regs<BM / 2>(sacc);
                     fence_regs<BM / 2>(dpacc);
+                    // Dropout (Z: keep mask, r = 1 / (1 - p)): dS = P (Z r dP - D), dV += P Z dO (r applied in
+                    // the epilogue). Z r folds into dP before the softmax loop (unchanged, so that its
+                    // register budget is that of p = 0) and Z into the 16-bit P operand after it. The keep
+                    // bits: this thread's words of the slot (RNG warps; bit x: element x), address re-derived
+                    // from the thread index at each load (nothing held across the loops).
+                    auto keep_words = [&](u32 (&w)[Tr::kKeepWords]) {
+                        const u32 a = sKeep + s * Tr::kKeepBytes + (u32)(sm80::opaque(tid) - 128) * (4 * Tr::kKeepWords);
+                        if constexpr (Tr::kKeepWords == 2) {
+                            asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(w[0]), "=r"(w[Tr::kKeepWords - 1]) : "r"(a) : "memory");
+                        } else {
+                            w[0] = sm80::lds_u32(a);
+                        }
+                    };
+                    if constexpr (DROPOUT) {
+                        mbar_wait(keep_full(s), (g / STAGES) & 1);
+                        u32 w[Tr::kKeepWords];
+                        keep_words(w);
+                        const float r = p.dropout_scale;
+#pragma unroll
+                        for (int x = 0; x < BM / 2; ++x) dpacc[x] = (w[x >> 5] >> (x & 31)) & 1u ? dpacc[x] * r : 0.f;
+                    }
                     if (!transform) {
                         auto plain = [&](auto masked) {
                             constexpr bool M = decltype(masked)::value;
@@ -421,6 +541,18 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     }
                     pack(sacc, pa);
                     pack(dpacc, da);
+                    if constexpr (DROPOUT) {  // dV's operand P Z: the dropped halves of the pairs zeroed
+                        u32 w[Tr::kKeepWords];
+                        keep_words(w);
+#pragma unroll
+                        for (int ks = 0; ks < kKSM; ++ks)
+#pragma unroll
+                            for (int j = 0; j < 4; ++j) {  // the pair x, x + 1 (x = 8 ks + 2 j, even)
+                                const int x = 8 * ks + 2 * j;
+                                const u32 b2 = w[x >> 5] >> (x & 31);
+                                pa[ks][j] &= ((b2 & 1u) ? 0x0000ffffu : 0u) | ((b2 & 2u) ? 0xffff0000u : 0u);
+                            }
+                    }
                     wgmma_fence();
                     issue_dv();
                     issue_dk();
@@ -495,7 +627,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
 
         // ---- epilogue: dK * scale and dV in T, straight from the fragments ------------------------------
         {
-            const float sc = p.scale;
+            const float sc = p.scale, dvs = DROPOUT ? p.dropout_scale : 1.f;  // dV = r sum P Z dO
             const int hd = p.headdim;
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
@@ -508,7 +640,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                         const int col = 8 * nt + 2 * tq;
                         if (col < hd) {  // head dims are multiples of 8 here: the pair is whole
                             stg_u32(dkr + col, pack2<T>(dk[4 * nt + 2 * hh] * sc, dk[4 * nt + 2 * hh + 1] * sc));
-                            stg_u32(dvr + col, pack2<T>(dv[4 * nt + 2 * hh], dv[4 * nt + 2 * hh + 1]));
+                            stg_u32(dvr + col, pack2<T>(dv[4 * nt + 2 * hh] * dvs, dv[4 * nt + 2 * hh + 1] * dvs));
                         }
                     }
                 }

@@ -70,7 +70,10 @@ struct Sm90FwdTraits {
     static_assert(D % 64 == 0 && D >= 64 && D <= 256, "head-dim bucket must be 64, 128, 192 or 256");
     static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key tile must be a multiple of 16, at most 256");
     static_assert(STAGES >= 2, "at least two slots per ring");
-    static_assert(kProducerRegs * 128 + NWG * 128 * kConsumerRegs <= 65536, "register file");
+    // The pool setmaxnreg redistributes is what the launch allocated: the launch-bounds register count
+    // (65536 / threads, rounded down to a multiple of 8) per thread; asking for more waits forever.
+    static_assert(kProducerRegs * 128 + NWG * 128 * kConsumerRegs <= ((65536 / kThreads) & ~7) * kThreads,
+                  "register pool");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm90 per-block limit");
 };
 

@@ -33,6 +33,28 @@ __device__ __forceinline__ Philox4 philox4x32_10(Philox4 c, u32 k0, u32 k1) {
     return c;
 }
 
+// N calls in lockstep (independent chains for a warp with nothing else to hide their latency behind; the
+// RNG warps of bwd_sm90.cu), the round keys advanced one round at a time through an opaque move (left
+// alone, ptxas computes all twenty up front and holds them: more registers than those warps have).
+template <int N>
+__device__ __forceinline__ void philox4x32_10_n(Philox4 (&c)[N], u32 k0, u32 k1) {
+    const u32 M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+#pragma unroll
+    for (int r = 0; r < 10; ++r) {
+        if (r > 0) {
+            k0 += W0;
+            k1 += W1;
+            asm volatile("" : "+r"(k0), "+r"(k1));
+        }
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+            const u32 hi0 = __umulhi(M0, c[n].x), lo0 = M0 * c[n].x;
+            const u32 hi1 = __umulhi(M1, c[n].z), lo1 = M1 * c[n].z;
+            c[n] = Philox4{hi1 ^ c[n].y ^ k0, lo1, hi0 ^ c[n].w ^ k1, lo0};
+        }
+    }
+}
+
 // The four words (eight 16-bit draws) of keys j0..j0+7 (j0 a multiple of 8) for row i of (b, h).
 __device__ __forceinline__ Philox4 dropout_draws(const Params& p, int b, int h, int i, int j0) {
     Philox4 c{(u32)(j0 >> 3), (u32)i, (u32)(b * p.nheads + h), (u32)p.rng_offset};

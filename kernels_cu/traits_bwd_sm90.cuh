@@ -11,6 +11,8 @@
 //   dS^T          2 buffers (step parity) of BN keys x BM queries: BM / 64 query blocks of BN rows x
 //                 128 bytes, i.e. stored transposed ([key][query]); the dQ GEMM reads it M-major
 //   L, D          STAGES slots of BM floats each (lse * log2(e) or +inf, and rowsum(dO * O))
+//   keep bits     DROPOUT only: STAGES slots of BN x BM bits, written by the producer's RNG warps
+//                 (layout in bwd_sm90.cu)
 //
 // dQ = dS K (BM x D, k = BN) is split between the two consumers: by rows when BM = 128 (each 64 query
 // rows, all D columns), by columns when BM = 64 (each D / 2 columns, which must be whole 64-column
@@ -20,16 +22,18 @@
 
 namespace cuflash {
 
-template <int D_, int BM_, int STAGES_>
+template <int D_, int BM_, int STAGES_, bool DROPOUT_ = false>
 struct Sm90BwdTraits {
     static constexpr int kD = D_;
     static constexpr int kBM = BM_;
     static constexpr int kBN = 128;
     static constexpr int kStages = STAGES_;
     static constexpr int kThreads = 384;
-    // setmaxnreg: the producer keeps 24 registers, the two consumers 240 each.
-    static constexpr int kProducerRegs = 24;
-    static constexpr int kConsumerRegs = 240;
+    // setmaxnreg: the producer keeps 24 registers, the two consumers 240 each; with dropout the producer's
+    // RNG warps run Philox and keep 40, the consumers 232.
+    static constexpr bool kDropout = DROPOUT_;
+    static constexpr int kProducerRegs = kDropout ? 40 : 24;
+    static constexpr int kConsumerRegs = kDropout ? 232 : 240;
     static constexpr int kChunks = kD / 64;
     static constexpr bool kDQByRows = kBM == 128;         // dQ split between the consumers by rows
     static constexpr int kNQ = kDQByRows ? kD : kD / 2;   // dQ columns per consumer
@@ -43,10 +47,14 @@ struct Sm90BwdTraits {
     static constexpr int kOffdO = kOffQ + kStages * kQBytes;
     static constexpr int kOffdS = kOffdO + kStages * kQBytes;
     static constexpr int kOffVec = kOffdS + 2 * kDSBytes;
+    // Keep bits: kKeepWords 32-bit words per consumer thread (bit x: its score element x), consecutive.
+    static constexpr int kKeepWords = kBM / 64;
+    static constexpr int kKeepBytes = kDropout ? 256 * kKeepWords * 4 : 0;
+    static constexpr int kOffKeep = kOffVec + kStages * kVecBytes;
     // + 1024: the dynamic window is aligned up to 1024 bytes (swizzle atoms) at run time.
-    static constexpr int kSmemBytes = 1024 + kOffVec + kStages * kVecBytes;
-    // kv_full, kv_empty, q_full[STAGES], q_empty[STAGES]
-    static constexpr int kBars = 2 + 2 * kStages;
+    static constexpr int kSmemBytes = 1024 + kOffKeep + kStages * kKeepBytes;
+    // kv_full, kv_empty, q_full[STAGES], q_empty[STAGES], (dropout) keep_full[STAGES]
+    static constexpr int kBars = 2 + 2 * kStages + (kDropout ? kStages : 0);
     // fp32 accumulators per consumer thread: dK, dV live through the loop; S^T, dP^T per step.
     static constexpr int kAccRegs = 2 * (kD / 2) + 2 * (kBM / 2);
 
@@ -54,8 +62,11 @@ struct Sm90BwdTraits {
     static_assert(kBM == 64 || kBM == 128, "query block 64 or 128");
     static_assert(kDQByRows || kD % 128 == 0, "dQ split by columns needs whole 64-column blocks per consumer");
     static_assert(kStages >= 2, "at least two slots");
-    static_assert(kProducerRegs * 128 + 2 * 128 * kConsumerRegs <= 65536, "register file");
-    static_assert(kAccRegs <= 192, "accumulators must leave room in 240 registers");
+    // The pool setmaxnreg redistributes is what the launch allocated (168 registers x 384 threads, the
+    // launch bounds); asking for more than it holds waits forever.
+    static_assert(kProducerRegs * 128 + 2 * 128 * kConsumerRegs <= ((65536 / kThreads) & ~7) * kThreads,
+                  "register pool");
+    static_assert(kAccRegs <= 192, "accumulators must leave room in 232 - 240 registers");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm90 per-block limit");
 };
 

@@ -33,11 +33,16 @@ SMEM_LIMIT = 227 * 1024
 def test_variants_only_for_sm90a():
     assert L.variants("sm_80") == [] and L.variants("sm_86") == [] and L.variants("sm_100") == []
     v = L.variants("sm_90a")
-    # fp16 / bf16 x (d64: MODE 0; d128: MODE 0 and the ordered deterministic mode's MODE_REVERSE)
-    assert len(v) == len(set(v)) == 2 * sum(len(L.modes(t)) for t in L.TILES.values()) == 6
+    # fp16 / bf16 x (d64: MODE 0; d128: MODE 0 and the ordered deterministic mode's MODE_REVERSE) x
+    # (without, with dropout)
+    assert len(v) == len(set(v)) == 2 * 2 * sum(len(L.modes(t)) for t in L.TILES.values()) == 12
+    assert sum(n.endswith(", true>") for _, n in v) == 6
     assert {f for f, _ in v} == {"bwd_sm90.cu"}
     for t in L.TILES.values():
-        assert t.smem + 1024 <= SMEM_LIMIT  # + the static (1024-aligned) barrier block
+        for tt in (t, L.tile_for(t.headdim_bucket, dropout=True)):
+            assert tt.smem + 4096 <= SMEM_LIMIT  # + the static block (barriers; with dropout the RNG state)
+        # the dropout variant adds one keep bit per (key, query) of a step to each slot
+        assert L.tile_for(t.headdim_bucket, True).smem - t.smem == t.stages * t.block_n * t.block_m // 8
     from cuflash._precompile import all_variants
 
     assert set(v) <= set(all_variants("sm_90a")) and not set(v) & set(all_variants("sm_80"))
@@ -92,6 +97,9 @@ def test_tile_for_head_dims():
         else:
             assert t is None, hd
     assert L.TILES[64].block_m == 128 and L.TILES[128].block_m == 64
+    for d in (64, 128):
+        t = L.tile_for(d, dropout=True)
+        assert t.dropout and t.block_m == L.TILES[d].block_m and not L.TILES[d].dropout
 
 
 def test_plan_grids_and_names():
@@ -109,6 +117,12 @@ def test_plan_grids_and_names():
     assert pl["splits"] == 5 and pl["grid_main"] == (5, 2, 2) and pl["n_blocks"] == 13
     assert pl["names"]["main"] == "cuflash::bwd_sm90<cuflash::half_t, 64, 128, 2, 0>"
     assert L.plan(run, splits=99, mode_=0)["splits"] == 13       # at most one split per key block
+    drop = _launch.Run(**{**run.__dict__, "dropout_p": 0.1})
+    assert L.plan(drop, splits=5, mode_=0)["names"]["main"] == "cuflash::bwd_sm90<cuflash::half_t, 64, 128, 2, 0, true>"
+    # the overlapped debugging schedule has no dropout variant: its bit is dropped
+    assert L.plan(drop, splits=5, mode_=4)["names"]["main"].endswith("64, 128, 2, 0, true>")
+    ordered = L.plan(_launch.Run(**{**_run(deterministic=True).__dict__, "dropout_p": 0.1}), mode_=0)
+    assert ordered["ordered"] and ordered["names"]["main"] == "cuflash::bwd_sm90<cuflash::bf16_t, 128, 64, 2, 8, true>"
     auto = L.plan(run, mode_=0)["splits"]
     assert 1 <= auto <= 13
 
@@ -117,7 +131,6 @@ def test_supports_rejects_without_gpu_arrays():
     # wrong arch / dtype / dropout / head dims: rejected before any array is inspected
     assert not L.supports(_launch.Run(**{**_run().__dict__, "arch": "sm_80"}))
     assert not L.supports(_launch.Run(**{**_run().__dict__, "dtype": "float32"}))
-    assert not L.supports(_launch.Run(**{**_run().__dict__, "dropout_p": 0.1}))
     for d in (32, 96, 160, 256):
         assert not L.supports(_run(d=d)), d
 

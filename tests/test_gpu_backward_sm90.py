@@ -291,7 +291,10 @@ def test_sm90_not_taken_for_other_runs():
         return _launch.Run(**{**base, **kw})
 
     assert _launch_bwd_sm90.supports(run()) and _launch_bwd_sm90.supports(run(128))
-    assert not _launch_bwd_sm90.supports(run(dropout_p=0.1))           # dropout: the sm80 path
+    assert _launch_bwd_sm90.supports(run(dropout_p=0.1)) and _launch_bwd_sm90.supports(run(128, dropout_p=0.1))
+    # dropout with softcap / ALiBi at d64: the sm80 path (that variant has no transform code)
+    assert not _launch_bwd_sm90.supports(run(dropout_p=0.1, softcap=5.0))
+    assert _launch_bwd_sm90.supports(run(128, dropout_p=0.1, softcap=5.0))
     for d in (32, 96, 192, 256):                                         # other buckets: the sm80 path
         assert not _launch_bwd_sm90.supports(run(d)), d
     assert not _launch_bwd_sm90.supports(run(dtype="float32"))
