@@ -126,17 +126,23 @@ def test_dropout_backward_longer_sequences():
 
 # ---- the mask itself, read through the gradients --------------------------------------------------------
 
+def mask_probe_inputs(b, sq, sk, h, d):
+    """q = 0 (P uniform), k_j = e_j (needs sk <= d), v_j = e_0: the inputs of the mask read-back."""
+    q = np.zeros((b, sq, h, d))
+    k = np.zeros((b, sk, h, d))
+    k[:, np.arange(sk), :, np.arange(sk)] = 1.0
+    v = np.zeros((b, sk, h, d))
+    v[..., 0] = 1.0
+    return q, k, v
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_mask_read_through_gradients(deterministic):
     """q = 0 makes P uniform (1/sk). With dO_i = e_i, dV[j, i] = Z_ij / ((1 - p) sk): dV spells the mask of
     the dK/dV kernel. With k_j = e_j, v_j = e_0, dO_i = e_0 and scale 1: dq_i[j] = dS_ij =
     (Z_ij / (1 - p) - D_i) / sk: dq spells the mask of the dQ path (atomic or row-wise kernel)."""
     b, h, sq, sk, d, p, seed = 2, 3, 64, 100, 128, 0.3, 4242
-    q = np.zeros((b, sq, h, d))
-    k = np.zeros((b, sk, h, d))
-    k[:, np.arange(sk), :, np.arange(sk)] = 1.0
-    v = np.zeros((b, sk, h, d))
-    v[..., 0] = 1.0
+    q, k, v = mask_probe_inputs(b, sq, sk, h, d)
     opts = dict(causal=False, softmax_scale=1.0, window_size=(-1, -1), softcap=0.0)
     want = np.asarray(reference.dropout_mask(seed, b, h, sq, sk, p))            # (b, h, sq, sk)
 

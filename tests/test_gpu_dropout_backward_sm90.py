@@ -26,19 +26,11 @@ from cuflash import reference
 
 from .helpers import to_numpy64
 from .test_gpu_backward import _inputs
-from .test_gpu_dropout_backward import P, _bits, _forward_backward, run_dropout_case
+from .test_gpu_dropout_backward import P, _bits, _forward_backward, mask_probe_inputs, run_dropout_case
 
-cupy = pytest.importorskip("cupy")
+pytest.importorskip("cupy")
 
-
-def _sm90_ok() -> bool:
-    try:
-        return cupy.cuda.runtime.getDeviceCount() >= 1 and int(cupy.cuda.Device(0).compute_capability) == 90
-    except Exception:
-        return False
-
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _sm90_ok(), reason="needs a compute-capability-9.0 GPU")]
+from .test_gpu_dropout_sm90 import pytestmark  # noqa: E402, F401  (gpu marker, needs compute capability 9.0)
 
 
 @pytest.fixture
@@ -62,11 +54,7 @@ def test_mask_read_through_sm90_gradients(bwd_path, d, sk, deterministic):
     """q = 0: P = 1 / sk. dO_i = e_i: dV[j, i] = Z_ij / ((1 - p) sk). k_j = e_j, v_j = e_0, dO_i = e_0, scale
     1: dq_i[j] = (Z_ij / (1 - p) - D_i) / sk. bf16 resolves both far from the 0.5 threshold."""
     b, h, sq, p, seed, dtype = 2, 3, 150, 0.3, 4243 + d, "bfloat16"
-    q = np.zeros((b, sq, h, d))
-    k = np.zeros((b, sk, h, d))
-    k[:, np.arange(sk), :, np.arange(sk)] = 1.0
-    v = np.zeros((b, sk, h, d))
-    v[..., 0] = 1.0
+    q, k, v = mask_probe_inputs(b, sq, sk, h, d)
     opts = dict(causal=False, softmax_scale=1.0, window_size=(-1, -1), softcap=0.0)
     want = np.asarray(reference.dropout_mask(seed, b, h, sq, sk, p))
 

@@ -31,7 +31,7 @@ from cuflash import reference
 
 from .helpers import NP_DTYPES, assert_fa_close, lowp_attention, randn, to_numpy64
 from .test_gpu_backward import _inputs
-from .test_gpu_dropout_backward import P, SEEDS, _bits, _forward_backward, run_dropout_case
+from .test_gpu_dropout_backward import P, SEEDS, _bits, _forward_backward, mask_probe_inputs, run_dropout_case
 
 cupy = pytest.importorskip("cupy")
 
@@ -299,11 +299,7 @@ def test_sm80_mask_read_through_gradients(caplog, dtype, deterministic):
     dO_i = e_i, dV[j, i] = Z_ij / ((1 - p) sk) (exactly 0 where dropped); with k_j = e_j, v_j = e_0,
     dO_i = e_0 and scale 1, dq_i[j] = (Z_ij / (1 - p) - D_i) / sk."""
     b, h, sq, sk, d, p, seed = 2, 3, 64, 100, 128, 0.3, 4242
-    q = np.zeros((b, sq, h, d))
-    k = np.zeros((b, sk, h, d))
-    k[:, np.arange(sk), :, np.arange(sk)] = 1.0
-    v = np.zeros((b, sk, h, d))
-    v[..., 0] = 1.0
+    q, k, v = mask_probe_inputs(b, sq, sk, h, d)
     opts = dict(causal=False, softmax_scale=1.0, window_size=(-1, -1), softcap=0.0)
     want = np.asarray(reference.dropout_mask(seed, b, h, sq, sk, p))             # (b, h, sq, sk)
 
