@@ -198,8 +198,7 @@ def memset(run: Run, a) -> None:
     Device work of a forward or backward path must go through ``launch`` or this function (no CuPy
     ops): the plan cache (``Replay``) replays exactly what was recorded.
     """
-    with run.stream:
-        a.data.memset_async(0, a.nbytes)
+    _memset_async(ptr(a), a.nbytes, run.stream)  # as a replay does it
     rec = getattr(run, "record", None)
     if rec is not None:
         rec.append(("memset", ptr(a), a.nbytes))

@@ -9,9 +9,8 @@ and the compile tests; ``plan(run)`` exposes the launch plan.
 
 Every warp of a block owns the same 16 rows and a share of the keys; blocks are (key slice, kv head x
 16-row block, batch). Split-KV: the key tiles of every (batch, kv head) are cut into ``splits`` slices
-(``num_splits_heuristic``: enough blocks for every SM, with enough bytes in flight per block), each
-slice writes fp32 partial outputs and LSEs in the layout ``combine.cu`` reads, and the sm80 path's
-``fwd_combine`` merges them. ``run.num_splits``: 0 = heuristic, >= 1 forced (capped at the tile count).
+(``num_splits_heuristic``: about one block per SM), each slice writes fp32 partial outputs and LSEs in
+the layout ``combine.cu`` reads, and the sm80 path's ``fwd_combine`` merges them. ``run.num_splits``: 0 = heuristic, >= 1 forced (capped at the tile count).
 """
 
 from __future__ import annotations
@@ -174,37 +173,34 @@ def supports(run) -> bool:
 
 # ---- split-KV heuristic ----------------------------------------------------------------------------
 
-# Costs in units of one tile's streaming time: a block's fixed cost (its first load's latency, the
-# merge epilogue) and the combine launch that any split adds. To measure.
-BLOCK_COST_TILES = 1.0
-COMBINE_COST_TILES = 1.0
-SPLIT_COST_SLACK = 0.05
+# The fewest key slices whose blocks cover this fraction of the SMs. Measured on the H100 (d128 bf16,
+# L2 flushed; benchmarks/NOTES.md "Decode, session 6"): the decode kernel's time stays flat from about
+# one block per SM up (batch 1 x 4k keys: 11.6-11.7 us for 128 or 256 blocks, 12.3 us for 64), while
+# the merge of the slices grows with their count, so one block per SM is the target.
+SPLIT_SM_FILL = 0.95
 
 
 @functools.lru_cache(maxsize=4096)
-def num_splits_heuristic(ctas: int, slots: int, n_tiles: int, max_splits: int = MAX_SPLITS) -> int:
-    """Key slices per (batch, kv head, row block) so that the blocks fill the GPU.
+def num_splits_heuristic(ctas: int, sms: int, n_tiles: int, max_splits: int = MAX_SPLITS) -> int:
+    """Key slices per (batch, kv head, row block): the fewest that give about one block per SM.
 
-    ``ctas``: blocks without splitting; ``slots``: SMs x blocks per SM; ``n_tiles``: key tiles of a
-    block. The time of s slices is modelled as waves x (tiles per slice + BLOCK_COST_TILES), plus
-    COMBINE_COST_TILES when s > 1, with waves = ceil(ctas s / slots): every SM streams its blocks
-    concurrently and memory, not compute, bounds a tile. Only counts whose slices all hold tiles are
-    tried (ceil(n / ceil(n / s)) == s). The fewest slices whose cost is within SPLIT_COST_SLACK of the
-    cheapest win: more slices write and combine more fp32 partials, which the model leaves out (e.g.
-    64 blocks x 2048 tiles on 264 slots: 4 slices, one 97%-full wave, rather than 41 in ten waves
-    for 0.6% less modelled time).
+    ``ctas``: blocks without splitting; ``sms``: the device's SMs; ``n_tiles``: key tiles of a block.
+    Returns the smallest count s with ctas x s >= SPLIT_SM_FILL x sms among those whose slices all hold
+    tiles (ceil(n / ceil(n / s)) == s), else the largest such count within n_tiles and max_splits.
+    Decoding is memory-bound: once every SM streams, more blocks do not read faster, and each slice
+    adds fp32 partials for the merge to write and read back.
     """
     if n_tiles <= 1 or ctas < 1:
         return 1
-    costs = []
+    want = SPLIT_SM_FILL * sms
+    best = 1
     for s in range(1, min(max_splits, n_tiles) + 1):
-        per = -(-n_tiles // s)
-        if -(-n_tiles // per) != s:
+        if -(-n_tiles // -(-n_tiles // s)) != s:
             continue
-        waves = -(-ctas * s // slots)
-        costs.append((waves * (per + BLOCK_COST_TILES) + (COMBINE_COST_TILES if s > 1 else 0.0), s))
-    best = min(c for c, _ in costs)
-    return min(s for c, s in costs if c <= best * (1 + SPLIT_COST_SLACK))
+        best = s
+        if ctas * s >= want:
+            break
+    return best
 
 
 def key_tiles(run, block_n: int) -> int:
@@ -231,7 +227,7 @@ def plan(run, tile: DecodeTile | None = None) -> dict:
     if run.num_splits >= 1:
         splits = run.num_splits
     else:
-        splits = num_splits_heuristic(ctas, sms * per_sm, n_tiles)
+        splits = num_splits_heuristic(ctas, sms, n_tiles)
     splits = max(1, min(splits, n_tiles, MAX_SPLITS))
     return {"tile": tile, "m_blocks": m_blocks, "n_tiles": n_tiles, "splits": splits, "blocks_per_sm": per_sm,
             "grid": (splits, run.nheads_k * m_blocks, run.batch)}

@@ -118,17 +118,23 @@ def test_every_headdim_has_a_tile(monkeypatch):
 
 def test_split_heuristic_unit():
     h = _launch_decode.num_splits_heuristic
-    assert h(8, 264, 1) == 1                   # one key tile: nothing to split
-    assert h(2000, 264, 64) == 1               # the grid already fills the GPU several times over
-    # the benchmark's decode shapes on an H100 (8 kv heads, d128: 2 blocks per SM, 64-key tiles)
-    assert h(8, 264, 2048) == 32               # batch 1, 128k keys: 256 blocks
-    assert h(64, 264, 2048) == 4               # batch 8, 128k keys: 256 blocks, one wave
-    assert h(8, 264, 64) == 32                 # batch 1, 4k keys: 2 tiles per block
+    assert h(8, 132, 1) == 1                   # one key tile: nothing to split
+    assert h(2000, 132, 64) == 1               # the grid already fills the GPU several times over
+    assert h(128, 132, 64) == 1                # 128 blocks: 97% of the SMs
+    # the benchmark's decode shapes on an H100 (8 kv heads, d128, 64-key tiles): 128 blocks
+    assert h(8, 132, 2048) == 16               # batch 1, 128k keys
+    assert h(64, 132, 2048) == 2               # batch 8, 128k keys
+    assert h(8, 132, 64) == 16                 # batch 1, 4k keys: 4 tiles per block
+    assert h(16, 132, 64) == 8                 # batch 2, 4k keys
+    assert h(8, 132, 3) == 3                   # too few tiles for one block per SM: every tile its own
+    assert h(8, 132, 64, max_splits=10) == 10  # capped: the largest count without an empty slice
     for c in (1, 3, 8, 50, 200, 1000):
         for n in (1, 2, 5, 64, 1000, 5000):
-            s = h(c, 264, n)
+            s = h(c, 132, n)
             assert 1 <= s <= min(n, _launch_decode.MAX_SPLITS)
             assert -(-n // -(-n // s)) == s     # no empty slice
+            smaller = [t for t in range(1, s) if -(-n // -(-n // t)) == t]
+            assert all(c * t < 0.95 * 132 for t in smaller)   # the fewest that fill the SMs
 
 
 class _Arr:
@@ -180,7 +186,7 @@ def test_plan(monkeypatch):
     monkeypatch.setattr(_launch_decode, "_device_limits", lambda dev: (132, 227 * 1024, 228 * 1024))
     pl = _launch_decode.plan(_run(1, 1, 131072, 32, 8, 128))
     assert pl["tile"] == _launch_decode.DECODE_TILES[128][0] and pl["blocks_per_sm"] == 2
-    assert pl["n_tiles"] == 2048 and pl["splits"] == 32 and pl["grid"] == (32, 8, 1)
+    assert pl["n_tiles"] == 2048 and pl["splits"] == 16 and pl["grid"] == (16, 8, 1)
     pl = _launch_decode.plan(_run(8, 1, 131072, 32, 8, 128, num_splits=3))
     assert pl["splits"] == 3 and pl["grid"] == (3, 8, 8)
     pl = _launch_decode.plan(_run(1, 1, 100, 32, 8, 128, num_splits=50))

@@ -79,6 +79,7 @@ class FakeGPU:
     def __init__(self):
         self.next = 1 << 40
         self.log = []
+        self.memsets = []         # (ptr, nbytes, stream ptr) of every memset
         self.allocs = []          # (ptr, nbytes) of every allocation
         self.fns = {}
         self.default_stream = FakeStream(self, 0x5000)
@@ -126,6 +127,7 @@ def gpu(monkeypatch):
     monkeypatch.setattr(_launch_sm80, "smem_per_block_optin", lambda dev: 227 * 1024)
     monkeypatch.setattr(_interop, "current_stream", lambda kind, dev: g.current_stream())
     monkeypatch.setattr(cupy, "empty", g.empty)
+    monkeypatch.setattr(_launch, "_memset_async", lambda p, n, stream: g.memsets.append((p, n, stream.ptr)))
     monkeypatch.setattr(cupy.cuda, "Device", lambda dev: FakeDevice(g, dev))
     monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda dev=-1: g.current_stream())
     monkeypatch.setitem(_api._mods, "env", (None, cupy, g.device, None))
@@ -243,17 +245,22 @@ def test_forward_replay_equals_full_path(gpu, validations, monkeypatch, case):
 
     (q2, k2, v2), _ = _case_call(gpu, case)                # same signature, other memory
     gpu.log.clear()
+    gpu.memsets.clear()
     first_new = len(gpu.allocs)
     res2 = cuflash.attention(q2, k2, v2, **opts)
     assert len(validations) == 2, "a cached signature must not go through the full path"
-    replayed = list(gpu.log)
+    replayed, replayed_memsets = list(gpu.log), list(gpu.memsets)
     fresh = gpu.allocs[first_new:]
 
     monkeypatch.setattr(_api, "_FASTPATH", False)
     gpu.log.clear()
+    gpu.memsets.clear()
     res3 = cuflash.attention(q2, k2, v2, **opts)
     assert len(validations) == 3
     full = list(gpu.log)
+    # the same memsets (sizes, stream), the replay's into memory it allocated
+    assert [(n, st) for _, n, st in replayed_memsets] == [(n, st) for _, n, st in gpu.memsets]
+    assert all(any(a <= p and p + n <= a + m for a, m in fresh) for p, n, _ in replayed_memsets)
 
     assert normalized(replayed, _named(q2, k2, v2, res2, opts)) == normalized(full, _named(q2, k2, v2, res3, opts))
     # scratch pointers of the replay lie in memory it allocated, 16-byte aligned
@@ -323,6 +330,7 @@ def test_stream_and_device_of_the_call(gpu, validations):
     cuflash.attention(q, k, v)
     cuflash.attention(q, k, v)
     gpu.log.clear()
+    gpu.memsets.clear()
     with FakeStream(gpu, 0x7777):
         cuflash.attention(q, k, v)
     assert len(validations) == 2
@@ -760,20 +768,10 @@ def test_replayable_paths_do_all_device_work_through_launch():
 def test_memset_is_recorded(gpu):
     run = _launch.Run(device_id=0, arch="sm_90", stream=gpu.default_stream, dtype="float32",
                       q=None, k=None, v=None, record=[])
-    calls = []
-
-    class Mem:
-        ptr = 4096
-
-        def memset_async(self, value, n):
-            calls.append((value, n))
-
-    class Arr:
-        data = Mem()
-        nbytes = 256
-
-    _launch.memset(run, Arr())
-    assert calls == [(0, 256)] and run.record == [("memset", 4096, 256)]
+    arr = gpu.array((64,), np.float32)
+    _launch.memset(run, arr)
+    assert gpu.memsets == [(ptr(arr), 256, gpu.default_stream.ptr)]
+    assert run.record == [("memset", ptr(arr), 256)]
 
 
 # ---- on the GPU ------------------------------------------------------------------------------------------

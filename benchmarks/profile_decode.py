@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""Where the time of a decode call goes: GPU kernel durations and gaps from a torch.profiler trace.
+
+    python benchmarks/profile_decode.py --outdir OUT [--batches 1,8] [--seqlens 4k,32k] [--splits 0,8,16]
+
+The decode benchmark's shape (seqlen_q 1, 32 query / 8 kv heads, d128, bf16). For every cell and
+implementation (cuflash with each ``num_splits``, torch SDPA's FA2 and cuDNN backends) it runs
+``--calls`` calls, each after a 256 MiB L2 flush, under torch.profiler, and reads the Chrome trace:
+per call, the sum of kernel durations and the span from the first kernel's start to the last one's
+end (gaps between a call's kernels included). It also prints do_bench's median (what
+bench_attention.py reports) so that the two can be compared. GB/s uses the K + V bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+HEADS, KV_HEADS, D = 32, 8, 128
+
+
+def parse_sizes(s: str) -> list[int]:
+    return [int(x[:-1]) * 1024 if x.lower().endswith("k") else int(x) for x in s.split(",") if x]
+
+
+def kernels_of(trace_path: str) -> list[tuple[float, float, str]]:
+    with open(trace_path) as f:
+        tr = json.load(f)
+    out = []
+    for e in tr.get("traceEvents", []):
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy"):
+            out.append((float(e["ts"]), float(e["dur"]), e.get("name", "?")))
+    out.sort()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,2,8")
+    ap.add_argument("--seqlens", default="4k,16k,128k")
+    ap.add_argument("--splits", default="0", help="cuflash num_splits values (0 = heuristic)")
+    ap.add_argument("--tiles", default="default", help="CUFLASH_DECODE_TILE values ('default': the dispatcher's)")
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--outdir", default=".")
+    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--flush", default="memset,read",
+                    help="L2 flush before each call: memset (zero_ of 256 MiB: leaves L2 dirty, as do_bench), "
+                         "read (a sum over 256 MiB: L2 full of clean lines), none")
+    args = ap.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+    from triton.testing import do_bench
+
+    import cuflash
+    from cuflash import _api
+
+    os.makedirs(args.outdir, exist_ok=True)
+    dev = torch.cuda.get_device_properties(0)
+    print(f"# {dev.name}, {dev.multi_processor_count} SMs")
+    flush_buf = torch.zeros(64 << 20, dtype=torch.float32, device="cuda")
+    flushers = {"memset": lambda: flush_buf.zero_(), "read": lambda: flush_buf.sum(),
+                "none": lambda: None}
+    flush_modes = [m for m in args.flush.split(",") if m]
+    rows = []
+    for b in parse_sizes(args.batches):
+        for sk in parse_sizes(args.seqlens):
+            g = torch.Generator(device="cuda").manual_seed(b * 7 + sk)
+            q = torch.randn(b, 1, HEADS, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            k = torch.randn(b, sk, KV_HEADS, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            v = torch.randn(b, sk, KV_HEADS, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            nbytes = 2 * k.numel() * 2
+            impls = []
+            for tile in [t for t in args.tiles.split(",") if t]:
+                for s in [int(x) for x in args.splits.split(",")]:
+                    def fn(s=s, tile=tile):
+                        if os.environ.get("CUFLASH_DECODE_TILE", "default") != tile:
+                            if tile == "default":
+                                os.environ.pop("CUFLASH_DECODE_TILE", None)
+                            else:
+                                os.environ["CUFLASH_DECODE_TILE"] = tile
+                            _api.clear_plan_cache()
+                        return cuflash.attention(q, k, v, num_splits=s)
+                    impls.append((f"cf s{s}" + ("" if tile == "default" else f" {tile}"), fn))
+            if not args.no_peers:
+                qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+                for name, be in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    def fn(be=be):
+                        with sdpa_kernel([be]):
+                            return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+                    impls.append((name, fn))
+            for name, fn in impls:
+                try:
+                    for _ in range(3):
+                        fn()
+                    torch.cuda.synchronize()
+                except Exception as e:  # noqa: BLE001
+                    print(f"b{b} sk{sk} {name}: {type(e).__name__}: {str(e)[:100]}")
+                    continue
+                ms = do_bench(fn, rep=50, return_mode="median")
+                for fm in flush_modes:
+                    self_row = profile_one(torch, profile, ProfilerActivity, fn, flushers[fm], args.calls)
+                    if self_row is None:
+                        print(f"b{b} sk{sk} {name} flush={fm}: no kernels in the trace")
+                        continue
+                    calls = self_row
+                    report(rows, b, sk, name, fm, ms, calls, nbytes)
+            del q, k, v
+            torch.cuda.empty_cache()
+    with open(os.path.join(args.outdir, "profile_decode.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n| cell | impl | flush | do_bench us | GPU span us | kernel sum us | GB/s (span) | % copy (span) |")
+    for r in rows:
+        print(f"| b{r['batch']} {r['seqlen_k'] // 1024}k | {r['impl']} | {r['flush']} | {r['do_bench_us']:.1f} | "
+              f"{r['span_us']:.1f} | {r['kern_sum_us']:.1f} | {r['gbps_span']:.0f} | "
+              f"{100 * r['gbps_span'] / COPY_GBPS:.0f}% |")
+    return 0
+
+
+COPY_GBPS = 3033.0   # H100 device-to-device copy bandwidth measured by bench_attention.py (session 4)
+
+
+def profile_one(torch, profile, ProfilerActivity, fn, flush, n):
+    """Kernels of n calls, each after `flush`, queued behind a GPU sleep so that the host's launch
+    spacing does not show (the GPU runs them back to back): a list of per-call kernel lists."""
+    import tempfile
+
+    marker = torch.empty(1 << 20, dtype=torch.int8, device="cuda")
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        torch.cuda._sleep(50_000_000)   # ~25 ms at 2 GHz: the host queues everything meanwhile
+        for _ in range(n):
+            flush()
+            marker.fill_(1)             # a tiny kernel separating the flush from the call
+            fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as t:
+        prof.export_chrome_trace(t.name)
+        ev = kernels_of(t.name)
+    calls, cur = [], None
+    for i, (ts, dur, nm) in enumerate(ev):
+        if "fill" in nm.lower() and "cuflash" not in nm and dur < 10 and i > 0:
+            if cur:
+                calls.append(cur)
+            cur = []
+        elif cur is not None:
+            if "reduce" in nm.lower() or ("fill" in nm.lower() and "cuflash" not in nm) or "sleep" in nm.lower():
+                calls.append(cur)   # the next flush ends this call
+                cur = None
+            else:
+                cur.append((ts, dur, nm))
+    if cur:
+        calls.append(cur)
+    calls = [c for c in calls if c]
+    return calls or None
+
+
+def report(rows, b, sk, name, fm, ms, calls, nbytes):
+    sums = [sum(d for _, d, _ in c) for c in calls]
+    spans = [c[-1][0] + c[-1][1] - c[0][0] for c in calls]
+    per_kernel = {}
+    for c in calls:
+        for _, d, nm in c:
+            per_kernel.setdefault(nm[:60], []).append(d)
+    span = statistics.median(spans)
+    row = dict(batch=b, seqlen_k=sk, impl=name, flush=fm, do_bench_us=ms * 1e3,
+               kern_sum_us=statistics.median(sums), span_us=span, n_kernels=len(calls[0]),
+               gbps_span=nbytes / (span * 1e-6) / 1e9, gbps_do_bench=nbytes / (ms * 1e-3) / 1e9)
+    rows.append(row)
+    kinfo = "; ".join(f"{k[:40]} {statistics.median(v):.1f}" for k, v in per_kernel.items())
+    print(f"b{b} sk{sk:>6} {name:<12} {fm:<6} do_bench {ms * 1e3:7.1f} us  span {span:7.1f}  "
+          f"sum {row['kern_sum_us']:7.1f}  [{kinfo}]", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
