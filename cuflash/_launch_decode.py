@@ -10,7 +10,8 @@ and the compile tests; ``plan(run)`` exposes the launch plan.
 Every warp of a block owns the same 16 rows and a share of the keys; blocks are (key slice, kv head x
 16-row block, batch). Split-KV: the key tiles of every (batch, kv head) are cut into ``splits`` slices
 (``num_splits_heuristic``: about one block per SM), each slice writes fp32 partial outputs and LSEs in
-the layout ``combine.cu`` reads, and the sm80 path's ``fwd_combine`` merges them. ``run.num_splits``: 0 = heuristic, >= 1 forced (capped at the tile count).
+the layout ``combine.cu`` reads, and the sm80 path's ``fwd_combine`` merges them. ``run.num_splits``:
+0 = heuristic, >= 1 forced (capped at the tile count).
 """
 
 from __future__ import annotations

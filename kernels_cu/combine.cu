@@ -10,11 +10,13 @@
 //   lse = log(sum_s exp(lse_s)),  o = sum_s exp(lse_s - lse) * o_s
 //
 // computed around the max LSE; a row that no slice saw (every lse_s = -inf) gets o = 0, lse = -inf.
-// One warp per row; lane l owns columns 4l.. (+128 per round), read as float4 from each slice. The
-// first 128 splits' LSEs and weights sit in registers (lane l: splits l + 32 j), so every o_s load
-// depends on no other load and kBatch = 8 of them per lane are in flight at once: with few rows and
-// many splits the merge is bound by load latency, not bandwidth. Slices with lse_s = -inf get weight 0 and their o_s is
-// left out by a select (whatever bytes it holds). Four rows per 128-thread block.
+// One warp per row, four rows per 128-thread block; lane l owns columns 4l.. (+128 per round), read
+// as float4 from each slice. The first 128 splits' LSEs and weights sit in registers (lane l: splits
+// l + 32 j), so every o_s load depends on no other load and kBatch = 8 of them per lane are in flight
+// at once: with few rows and many splits the merge is bound by load latency, not bandwidth. Slices
+// with lse_s = -inf get weight 0 and their o_s is left out (whatever bytes it holds). The merge is a
+// function of its own called by the kernel: written inline in the kernel body, ptxas (NVRTC 13.0)
+// spills 12 bytes on sm_90a.
 #include "mask.cuh"
 
 namespace cuflash {
