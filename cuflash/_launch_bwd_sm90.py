@@ -71,7 +71,8 @@ TILES = {
 HEADDIM_BUCKETS = tuple(sorted(TILES))
 
 
-MODE_REVERSE = 8  # bwd_sm90.cu kModeReverse
+MODE_ORDERED = 8  # bwd_sm90.cu kModeOrdered
+ORDERED_ACYCLIC = 1  # bwd_sm90.cu kOrderedAcyclic (Params::flags)
 MODE_OVERLAP = 4  # bwd_sm90.cu kModeOverlap
 
 
@@ -109,16 +110,14 @@ def variants(arch: str | None = None) -> list[tuple[str, str]]:
     listed by ``_launch_bwd_sm80.variants``)."""
     if arch is not None and arch != "sm_90a":
         return []
-    # MODE 0: the default; MODE_REVERSE: the ordered deterministic mode (query blocks last to first);
-    # each without and with dropout
+    # MODE 0: the default; MODE_ORDERED: the ordered deterministic mode; each without and with dropout
     tiles = [t for t0 in TILES.values() for t in (t0, replace(t0, dropout=True))]
     return [(FILE, kernel_name(dt, t, m)) for dt in _DTYPES for t in tiles for m in modes(t)]
 
 
 def modes(tile: Sm90BwdTile) -> tuple[int, ...]:
-    """MODE values the dispatcher launches for a tile: MODE_REVERSE only at d128 (at d64 the reversed
-    walk costs ptxas 8 bytes of spills; d64's ordered mode walks first to last)."""
-    return (0, MODE_REVERSE) if tile.headdim_bucket == 128 else (0,)
+    """MODE values the dispatcher launches for a tile: the default and the ordered deterministic mode."""
+    return (0, MODE_ORDERED)
 
 
 def _specs(run: Run, tile: Sm90BwdTile):
@@ -158,11 +157,81 @@ def _mode_bits(tile: Sm90BwdTile, mode_: int | None, ordered: bool) -> int:
     m = mode() if mode_ is None else mode_
     if tile.dropout:
         m &= ~MODE_OVERLAP  # the dropout variants take the serial schedule only
-    return m | (MODE_REVERSE if ordered and MODE_REVERSE in modes(tile) else 0)
+    return (m & ~MODE_ORDERED) | (MODE_ORDERED if ordered else 0)
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+# ---- the ordered deterministic mode's walk (bwd_sm90.cu: query_block_range, ordered_pivot, ordered_turn) ----
+
+def query_block_range(n0: int, sq: int, sk: int, wl: int, wr: int, bm: int, bn: int) -> tuple[int, int]:
+    """(m_first, n_m): the query blocks of ``bm`` rows that keep a key of [n0, n0 + bn)."""
+    shift = sk - sq
+    n1 = min(n0 + bn, sk) - 1
+    i_lo, i_hi = 0, sq - 1
+    if wr >= 0:
+        i_lo = max(i_lo, n0 - shift - wr)
+    if wl >= 0:
+        i_hi = min(i_hi, n1 - shift + wl)
+    m_first = i_lo // bm
+    return m_first, (i_hi // bm - m_first + 1 if i_lo <= i_hi else 0)
+
+
+def ordered_pivot(nb: int, n_kb: int, sq: int, sk: int, wr: int, bm: int, bn: int) -> int:
+    """The first query block of key block ``nb``'s walk (its upper part: pivot .. M - 1; then the lower
+    part m_first .. pivot - 1)."""
+    m_first, _ = query_block_range(nb * bn, sq, sk, -1, wr, bm, bn)
+    return max(m_first, nb * _cdiv(sq, bm) // n_kb)
+
+
+def ordered_turn(nb: int, m: int, n_kb: int, sq: int, sk: int, wr: int, two: bool, bm: int, bn: int) -> tuple[int, int]:
+    """(part, rank): key block ``nb``'s turn on query block ``m`` (bwd_sm90.cu's ordered_turn, for tests)."""
+    def last(lo: int, upper: bool) -> int:
+        hi = n_kb - 1
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1
+            mf, nm = query_block_range(mid * bn, sq, sk, -1, wr, bm, bn)
+            start = ordered_pivot(mid, n_kb, sq, sk, wr, bm, bn) if upper else mf
+            if nm > 0 and start <= m:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+    if m >= ordered_pivot(nb, n_kb, sq, sk, wr, bm, bn):
+        return 0, last(nb, True) - nb
+    return (1 if two else 0), last(nb, False) - nb + (0 if two else last(0, True) + 1)
+
+
+def ordered_has_lower(sq: int, sk: int, wr: int, bm: int, bn: int) -> bool:
+    """True when some key block's walk has a lower part (then two dq_accum planes keep the order)."""
+    n_kb = _cdiv(sk, bn)
+    for nb in range(n_kb):
+        m_first, n_m = query_block_range(nb * bn, sq, sk, -1, wr, bm, bn)
+        if n_m > 0 and ordered_pivot(nb, n_kb, sq, sk, wr, bm, bn) > m_first:
+            return True
+    return False
+
+
+ORDERED_ONE_PLANE_MAX_BLOCKS = 8
+
+
+def ordered_planes(run: Run, tile: Sm90BwdTile, lower: bool) -> int:
+    """dq_accum planes of the ordered mode (bwd_sm90.cu's header): 1 where no key block's walk has a lower
+    part; else 2 (each part adds into its own plane, a block only ever waits on key block nb + 1) unless
+    there are at most ORDERED_ONE_PLANE_MAX_BLOCKS key blocks: then the lower visitors follow the upper
+    ones in one plane (key block N - 1 waits on block 0, harmless when a head's few key blocks run side by
+    side), which saves a plane's memset and reads: measured on the H100 (bf16, non-causal, 16k tokens),
+    deterministic / default at seqlen 512 / 1k: d128 0.90 / 0.89 with one plane vs 0.80 / 0.86 with two,
+    d64 0.95 / 0.93 vs 0.87 / 0.90; from 2k two planes were level or ahead (8k: 0.92-0.95 vs 0.83-0.85).
+    CUFLASH_BWD_ORDERED_PLANES=1 or 2 forces the choice (tests, benchmarks)."""
+    if not lower:
+        return 1
+    forced = os.environ.get("CUFLASH_BWD_ORDERED_PLANES", "")
+    if forced in ("1", "2"):
+        return int(forced)
+    return 1 if _cdiv(run.seqlen_k, tile.block_n) <= ORDERED_ONE_PLANE_MAX_BLOCKS else 2
 
 
 def plan(run: Run, splits: int | None = None, tile: Sm90BwdTile | None = None, mode_: int | None = None) -> dict:
@@ -179,15 +248,19 @@ def plan(run: Run, splits: int | None = None, tile: Sm90BwdTile | None = None, m
     ordered = bool(run.deterministic) and splits is None and run.window[0] < 0
     if run.deterministic and not ordered and splits is None:
         splits = _launch_bwd_sm80.deterministic_splits(b, h, hk, sq, sk, tile, _launch_bwd_sm80._num_sms(run.device_id))
-    splits = 1 if not run.deterministic or ordered else max(1, min(int(splits), n_blocks))
+    lower = ordered and ordered_has_lower(sq, sk, run.window[1], tile.block_m, tile.block_n)
+    if ordered:
+        splits = ordered_planes(run, tile, lower)  # dq_accum planes (bwd_sm90.cu: the lower part's plane)
+    else:
+        splits = 1 if not run.deterministic else max(1, min(int(splits), n_blocks))
     sq_pad = _cdiv(sq, PAD_ROWS) * PAD_ROWS
     ld = _cdiv(run.headdim, 32) * 32
     assert ld == tile.headdim_bucket, "dq_accum rows must be the kernel's bucket"
     return {
         "tile": tile,
         "names": kernel_names(run.dtype, tile, _mode_bits(tile, mode_, ordered)),
-        "splits": splits, "sq_pad": sq_pad, "n_blocks": n_blocks, "ordered": ordered,
-        "counters": b * h * _cdiv(sq, tile.block_m) if ordered else 0,
+        "splits": splits, "sq_pad": sq_pad, "n_blocks": n_blocks, "ordered": ordered, "lower": lower,
+        "counters": b * h * _cdiv(sq, tile.block_m) * splits if ordered else 0,
         "grid_rows": (sq_pad // _launch_bwd_sm80.ROWS_PER_BLOCK, h, b),
         "grid_main": (splits if run.deterministic and not ordered else n_blocks, hk, b),
         "grid_convert": (_cdiv(sq, _launch_bwd_sm80.ROWS_PER_BLOCK), h, b),
@@ -214,6 +287,8 @@ def backward_sm90(run: Run, splits: int | None = None, tile: Sm90BwdTile | None 
         run.scratch["bwd_sm90_counters"] = counters
         _launch.memset(run, counters)
         extra["counters"] = ptr(counters)
+        # bwd_sm90.cu kOrderedAcyclic: with two planes or no lower part every wait is on key block nb + 1
+        extra["flags"] = ORDERED_ACYCLIC if pl["splits"] == 2 or not pl["lower"] else 0
     params = run.params(dsum=ptr(vec), dq_accum=ptr(dq_accum), num_splits=pl["splits"], **extra)
     rows = (_launch_bwd_sm80.ROW_THREADS,)
     launch(run, _launch_bwd_sm80.FILE, names["preprocess"], pl["grid_rows"], rows, params)

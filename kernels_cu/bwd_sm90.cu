@@ -5,11 +5,26 @@
 // log2(e) or +inf, padded to sq_pad rows) and dq_convert around this kernel, with the contract of the sm80
 // backward: dK, dV written once in T (dK times the softmax scale), dQ added in fp32 (without the scale)
 // into dq_accum (splits, batch, nheads, sq_pad, D) with red.add. Deterministic mode, ordered (the
-// dispatcher's; Params::counters set): one block per key block as in the default mode, and the blocks of a
-// (batch, head) add into each query block's dQ rows in key-block order: counter (b, h, m) counts the key
-// blocks done with query block m; block nb waits for it to read nb (without a left window the key blocks
-// visiting m are 0 .. some last one), adds, fences, increments it, so every address receives its additions
-// in a fixed order. A block waits only on the block before it, which was scheduled earlier: no deadlock.
+// dispatcher's; Params::counters set; MODE kModeOrdered): one block per key block as in the default mode,
+// and every query block's dQ rows receive their additions in a fixed order, the order in which the key
+// blocks arrive when they run side by side, so that a block seldom waits:
+//   * block x of the grid takes key block nb = N - 1 - x (N key blocks): the last key block is
+//     scheduled first;
+//   * key block nb walks its query blocks m_first .. M - 1 (no left window here) from its pivot
+//     max(m_first, nb M / N) up to M - 1 (its "upper" part), then m_first .. pivot - 1 ("lower" part). Both
+//     bounds rise with nb, so on any query block m the upper visitors arrive in descending key-block
+//     order (block nb reaches m after m - pivot(nb) steps), and so do the lower ones;
+//   * counter (b, h, m, part) counts the additions done; block nb adds when it reads the number of
+//     visitors of that part above nb (found by bisection over the same bounds), then raises it (release).
+//     With two parts (Params::num_splits = 2, the host's choice when a lower part exists) the parts add
+//     into dq_accum planes 0 and 1 (dq_convert sums them) and a block only ever waits on key block
+//     nb + 1, scheduled before it: no deadlock and no wait on a block scheduled late. With one plane the
+//     lower visitors follow the upper ones (key block N - 1 waits on block 0: the host takes this only for
+//     a few key blocks, which run side by side). Causal (square) has no lower part.
+//   * without dropout, the hand-overs are not the consumers' work: one thread of the producer warpgroup
+//     (warp 1) waits for each step's turn and releases the step's additions (mbarriers turn / done), so
+//     that the consumers never wait on global memory (with dropout, warps 1 - 3 draw the keep bits and
+//     consumer thread 128 does both, on the consumers' path).
 // Split mode (explicit splits, or a left window; counters null): gridDim.x = splits, block x walks key
 // blocks x, x + splits, ... and adds into split x (one writer thread per address, its reductions in
 // program order). The math is bwd_common.cuh's (P from the forward's LSE, dS = P (dP - D)
@@ -65,18 +80,24 @@ struct TmaMaps {
 constexpr int kModeNoDQ = 1;
 constexpr int kModeNoDKV = 2;
 constexpr int kModeOverlap = 4;  // experimental schedule (see the main loop)
-constexpr int kModeReverse = 8;  // query blocks last to first: the ordered deterministic mode's variant
+constexpr int kModeOrdered = 8;  // the ordered deterministic mode: reversed key blocks, rotated walk
 constexpr int kBarDS = 1;   // named barrier: both consumers have written their dS^T rows
 constexpr int kBarSem = 2;  // named barrier: ordered deterministic mode, the consumers' turn on a dQ block
+constexpr int kOrderedAcyclic = 1;  // Params::flags, ordered mode: no block waits on a lower key block
 
 __device__ __forceinline__ int ld_acquire(const int* a) {
     int v;
     asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(a) : "memory");
     return v;
 }
-// Ordered mode: wait until key block `rank` has its turn on counter `c`.
+// Ordered mode: wait until counter `c` reads `rank` (this block's turn).
 __device__ __forceinline__ void sem_wait(const int* c, int rank) {
     while (ld_acquire(c) != rank) __nanosleep(32);
+}
+// Ordered mode: raise counter `c` after the block's reductions (a release at GPU scope: cumulative over the
+// other consumer threads' reductions, ordered before it by the named barrier).
+__device__ __forceinline__ void red_release_add(int* c, int v) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(c), "r"(v) : "memory");
 }
 
 // Query blocks (of BM rows) that keep at least one key of [n0, n0 + BN) (both window bounds are
@@ -90,6 +111,46 @@ __device__ __forceinline__ void query_block_range(int n0, int sq, int sk, int wl
     if (wl >= 0) i_hi = min(i_hi, n1 - shift + wl);
     m_first = (int)(i_lo / BM);
     n_m = i_lo <= i_hi ? (int)(i_hi / BM) - m_first + 1 : 0;
+}
+
+// Ordered mode (no left window): the first query block of key block nb's upper part (see the header);
+// n_kb key blocks.
+template <int BM, int BN>
+__device__ __forceinline__ int ordered_pivot(int nb, int n_kb, int sq, int sk, int wr) {
+    int m_first, n_m;
+    query_block_range<BM, BN>(nb * BN, sq, sk, -1, wr, m_first, n_m);
+    return max(m_first, (int)((long long)nb * ((sq + BM - 1) / BM) / n_kb));
+}
+// The walk's step mi (0 .. n_m - 1) of a key block: pivot .. m_first + n_m - 1, then m_first .. pivot - 1.
+__device__ __forceinline__ int walk_m(int mi, int m_first, int n_m, int pivot) {
+    const int m = pivot + mi;
+    return m >= m_first + n_m ? m - n_m : m;
+}
+// Ordered mode: key block nb's turn on query block m (counter index part, value rank). upper: the last key
+// block whose upper part holds m; lower: whose walk holds m (both bounds rise with the key block, so the
+// visitors of m form the ranges 0 .. upper and upper + 1 .. lower).
+template <int BM, int BN>
+__device__ __noinline__ void ordered_turn(int nb, int m, int n_kb, int sq, int sk, int wr, bool two, int& part,
+                                          int& rank) {
+    auto last = [&](int lo, bool upper) {  // the last key block >= lo (which qualifies) qualifying for m
+        int hi = n_kb - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            int mf, nm;
+            query_block_range<BM, BN>(mid * BN, sq, sk, -1, wr, mf, nm);
+            const int start = upper ? ordered_pivot<BM, BN>(mid, n_kb, sq, sk, wr) : mf;
+            if (nm > 0 && start <= m) lo = mid;
+            else hi = mid - 1;
+        }
+        return lo;
+    };
+    if (m >= ordered_pivot<BM, BN>(nb, n_kb, sq, sk, wr)) {  // upper visitor
+        part = 0;
+        rank = last(nb, true) - nb;
+    } else {
+        part = two ? 1 : 0;
+        rank = last(nb, false) - nb + (two ? 0 : last(0, true) + 1);  // (block 0 is an upper visitor of m)
+    }
 }
 
 __device__ __forceinline__ float2 lds_f32x2(u32 addr) {
@@ -118,7 +179,12 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     constexpr int kKSN = BN / 16;  // k-steps over the keys (dQ)
     constexpr int kNQ = Tr::kNQ;
     extern __shared__ __align__(1024) unsigned char smem[];
-    __shared__ __align__(8) u64 bars[Tr::kBars];
+    // kHelper (the ordered mode without dropout): warp 1 of the producer warpgroup takes the hand-overs of
+    // the dQ additions off the consumers (below); it needs the dropout variants' register split.
+    constexpr bool kHelper = (MODE & kModeOrdered) && !DROPOUT;
+    constexpr int kProducerRegs = kHelper ? 40 : Tr::kProducerRegs;
+    constexpr int kConsumerRegs = kHelper ? 232 : Tr::kConsumerRegs;
+    __shared__ __align__(8) u64 bars[Tr::kBars + (kHelper ? 4 : 0)];
     // seqlen_q, seqlen_k, nheads, nheads_k, batch, window_left, window_right: the producer re-reads them
     // from here (volatile) instead of holding them (see fwd_sm90.cu).
     __shared__ int shape_s[7];
@@ -134,6 +200,20 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     auto q_full = [&](int s) { return bar0 + 8u * (2 + s); };
     auto q_empty = [&](int s) { return bar0 + 8u * (2 + STAGES + s); };
     auto keep_full = [&](int s) { return bar0 + 8u * (2 + 2 * STAGES + s); };  // DROPOUT only
+    // kHelper: turn(t) completes when the step of parity t may add its dQ (the helper saw the counter),
+    // done(t) when the 8 consumer warps have issued their additions of that step
+    auto turn = [&](int t) { return bar0 + 8u * (Tr::kBars + t); };
+    auto done = [&](int t) { return bar0 + 8u * (Tr::kBars + 2 + t); };
+
+    // The first key block of this block (kModeOrdered: the last key block first) and the walk's pivot.
+    auto first_kb = [] { return (MODE & kModeOrdered) ? (int)sreg_nctaid_x() - 1 - (int)sreg_ctaid_x() : (int)sreg_ctaid_x(); };
+    auto pivot_of = [](int nb, int sq, int sk, int wr, int m_first) {
+        return (MODE & kModeOrdered) ? ordered_pivot<BM, Tr::kBN>(nb, sreg_nctaid_x(), sq, sk, wr) : m_first;
+    };
+    // the walk's step mi: query block m_first + mi, or (kModeOrdered) from the pivot, wrapping around
+    auto step_m = [](int mi, int m_first, int n_m, int pivot) {
+        return (MODE & kModeOrdered) ? walk_m(mi, m_first, n_m, pivot) : m_first + mi;
+    };
 
     const int wg = __shfl_sync(0xffffffffu, (int)threadIdx.x >> 7, 0);
     if (threadIdx.x == 0) {
@@ -149,13 +229,19 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
             mbar_init(q_empty(s), 8);
             if (DROPOUT) mbar_init(keep_full(s), 96);  // every thread of the three RNG warps
         }
+        if (kHelper) {
+            for (int t = 0; t < 2; ++t) {
+                mbar_init(turn(t), 1);
+                mbar_init(done(t), 8);
+            }
+        }
         mbar_init_fence();
     }
     __syncthreads();
 
     if (wg == 0) {
         // ---- producer ---------------------------------------------------------------------------------
-        setmaxnreg_dec<Tr::kProducerRegs>();
+        setmaxnreg_dec<kProducerRegs>();
         if (sreg_tid() == 0) {
             auto fresh = [&](int i) { return *static_cast<const volatile int*>(&shape_s[i]); };
             prefetch_tma_desc(&maps.q);
@@ -164,7 +250,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
             prefetch_tma_desc(&maps.dout);
             int g = 0;    // steps loaded so far (ring position and phase)
             int kbl = 0;  // key blocks loaded so far (K / V phase)
-            for (int nb = sreg_ctaid_x();; nb += sreg_nctaid_x()) {
+            for (int nb = first_kb();; nb += sreg_nctaid_x()) {
                 const int n0 = nb * BN;
                 if (n0 >= fresh(1)) break;
                 int m_first, n_m;
@@ -186,8 +272,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                         const int s = g % STAGES;
                         if (g >= STAGES) mbar_wait(q_empty(s), ((g / STAGES) & 1) ^ 1);
                         const int h = hk * group + hi;
-                        // kModeReverse: last query block first (see the consumers)
-                        const int m0 = (m_first + ((MODE & kModeReverse) ? n_m - 1 - mi : mi)) * BM;
+                        const int m0 = ((MODE & kModeOrdered) ? walk_m(mi, m_first, n_m, pivot_of(nb, fresh(0), fresh(1), fresh(6), m_first)) : m_first + mi) * BM;
                         mbar_arrive_expect_tx(q_full(s), 2 * Tr::kQBytes + Tr::kVecBytes);
 #pragma unroll
                         for (int ch = 0; ch < Tr::kChunks; ++ch) {
@@ -203,6 +288,50 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                         bulk_load(sVec + s * Tr::kVecBytes + BM * 4, p.dsum + row, BM * 4, q_full(s));      // D
                     }
                 }
+            }
+        } else if (kHelper && sreg_tid() == 32) {
+            // ---- the hand-over thread (ordered mode): per step, in the consumers' order, wait for this
+            // block's turn on the step's counter, open turn(), wait for done() (the consumers' additions,
+            // ordered before it at CTA scope), then raise the counter with a GPU-scope release (cumulative:
+            // it covers the consumers' additions). The consumers never wait on global memory.
+            auto fresh = [&](int i) { return *static_cast<const volatile int*>(&shape_s[i]); };
+            const int nb = first_kb();  // one key block per block in ordered mode
+            int m_first, n_m;
+            query_block_range<BM, BN>(nb * BN, fresh(0), fresh(1), fresh(5), fresh(6), m_first, n_m);
+            const int pivot = pivot_of(nb, fresh(0), fresh(1), fresh(6), m_first);
+            const int group = fresh(2) / fresh(3);
+            // the counter and this block's turn of step g (head hi = g / n_m, walk step g % n_m)
+            auto target = [&](int g, int& rank) {
+                const int hi = g / n_m, m = walk_m(g - hi * n_m, m_first, n_m, pivot);
+                int part;
+                ordered_turn<BM, BN>(nb, m, sreg_nctaid_x(), fresh(0), fresh(1), fresh(6), p.num_splits == 2, part, rank);
+                return p.counters
+                     + (((i64)sreg_ctaid().z * fresh(2) + sreg_ctaid().y * group + hi) * ((fresh(0) + BM - 1) / BM) + m)
+                           * p.num_splits
+                     + part;
+            };
+            // kOrderedAcyclic: every wait is on key block nb + 1 (two planes, or no lower part), so the next
+            // step's turn may be awaited before this step's release; else (the one-plane wrap, where block
+            // N - 1 waits on block 0) strictly in order
+            const bool ahead = p.flags & kOrderedAcyclic;
+            const int total = group * n_m;
+            int* c = nullptr;  // the counter of step g - 1 (turn given, not yet released)
+            for (int g = 0; g <= total; ++g) {
+                int rank = 0;
+                int* const cn = g < total ? target(g, rank) : nullptr;
+                if (ahead && cn != nullptr) {
+                    sem_wait(cn, rank);
+                    mbar_arrive(turn(g & 1));
+                }
+                if (c != nullptr) {
+                    mbar_wait(done((g - 1) & 1), ((g - 1) >> 1) & 1);
+                    red_release_add(c, 1);
+                }
+                if (!ahead && cn != nullptr) {
+                    sem_wait(cn, rank);
+                    mbar_arrive(turn(g & 1));
+                }
+                c = cn;
             }
         } else if (DROPOUT && sreg_tid() >= 32) {
             // ---- RNG warps (1 - 3): the keep bits of every step, in the consumers' order ------------------
@@ -220,7 +349,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
             // st: 0 key block nb, 1 step g, 2 step of the key block it, 3 steps of the key block, 4 m0,
             // 5 Philox counter word 2 (b nheads + h), 6 slot s.
             volatile int* st = &rng_s[8 * (sreg_tid() - 32)];
-            st[0] = sreg_ctaid_x();
+            st[0] = first_kb();
             st[1] = 0;
             for (;; st[0] = st[0] + sreg_nctaid_x()) {
                 if (st[0] * BN >= fresh(1)) break;
@@ -237,7 +366,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                         query_block_range<BM, BN>(st[0] * BN, fresh(0), fresh(1), fresh(5), fresh(6), m_first, n_m);
                         const int it = st[2], hi = it / n_m, mi = it - hi * n_m;
                         const int3 c = sreg_ctaid();
-                        st[4] = (m_first + ((MODE & kModeReverse) ? n_m - 1 - mi : mi)) * BM;
+                        st[4] = ((MODE & kModeOrdered) ? walk_m(mi, m_first, n_m, pivot_of(st[0], fresh(0), fresh(1), fresh(6), m_first)) : m_first + mi) * BM;
                         st[5] = c.z * p.nheads + c.y * (fresh(2) / fresh(3)) + hi;
                         st[6] = s;
                     }
@@ -288,7 +417,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     }
 
     // ---- consumers ---------------------------------------------------------------------------------
-    setmaxnreg_inc<Tr::kConsumerRegs>();
+    setmaxnreg_inc<kConsumerRegs>();
     // Problem scalars, derived after the register change (nothing stays live across it).
     const int tid = sreg_tid(), lane = tid & 31;
     const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
@@ -306,12 +435,12 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
 
     auto release = [&](u32 bar) {  // this warp is done reading a slot
         __syncwarp();
-        if (lane == 0) mbar_arrive(bar);
+        if ((sm80::opaque(tid) & 31) == 0) mbar_arrive(bar);
     };
 
     int g = 0;    // steps consumed so far (ring position and phase; dS buffer parity)
     int kbl = 0;  // key blocks consumed so far
-    for (int nb = sreg_ctaid_x(); nb * BN < sk; nb += sreg_nctaid_x()) {
+    for (int nb = first_kb(); nb * BN < sk; nb += sreg_nctaid_x()) {
         const int n0 = nb * BN;
         const int kw0 = n0 + 64 * cw;  // first key of this consumer
         const int3 cta = sreg_ctaid();
@@ -319,14 +448,14 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
         int m_first, n_m;
         query_block_range<BM, BN>(n0, sq, sk, wl, wr, m_first, n_m);
         const int n_iter = n_m * group;
-        // Ordered deterministic mode: counter (b, h, query block m) = key blocks done with m. Without a
-        // left window every key block from 0 up to the last one visiting m visits m (query_block_range's
-        // bounds are non-decreasing in the key block; causal or not, m_last is the last query block), so
-        // block nb takes its turn when the counter reads nb. (The host uses split mode with a left window.)
-        // (Re-read from the parameters and special registers where used: no registers to spare.)
-        auto sem_at = [&](int h, int m) {
-            return p.counters + ((i64)sreg_ctaid().z * p.nheads + h) * ((p.seqlen_q + BM - 1) / BM) + m;
+        // Ordered deterministic mode: counter (b, h, query block m, part) = additions done on m's rows of
+        // that part (p.num_splits parts: 1 or 2; see the header). (Re-read from the parameters and special
+        // registers where used: no registers to spare.)
+        auto sem_at = [&](int h, int m, int part) {
+            return p.counters + (((i64)sreg_ctaid().z * p.nheads + h) * ((p.seqlen_q + BM - 1) / BM) + m) * p.num_splits
+                 + part;
         };
+        const int pivot = pivot_of(nb, sq, sk, wr, m_first);  // the walk's first query block
 
         float dv[D / 2], dk[D / 2];
 #pragma unroll
@@ -340,11 +469,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
             int hi = 0, mi = 0;
             for (int it = 0; it < n_iter; ++it, ++g) {
                 const int h = hk * group + hi;
-                // kModeReverse (ordered deterministic mode) walks the query blocks last to first: with a
-                // causal mask every key block then starts on the last query block, so the blocks of a head
-                // run staggered by one hand-over and the short ones finish early (first to last, each
-                // would wait at the longest block's pace: measured 0.41-0.59x of the default, causal).
-                const int m0 = (m_first + ((MODE & kModeReverse) ? n_m - 1 - mi : mi)) * BM;
+                const int m0 = step_m(mi, m_first, n_m, pivot) * BM;
                 if (++mi == n_m) {
                     mi = 0;
                     ++hi;
@@ -592,9 +717,20 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                 if (!(MODE & kModeNoDQ)) fence_regs<kNQ / 2>(dq);
                 release(q_empty(s));
 
+                // Ordered deterministic mode (the host passes counters with kModeOrdered only). A run-time
+                // test: as a compile-time one (the code gone from MODE 0), ptxas (NVRTC 13.0) spills 8 - 12
+                // bytes in the MODE 0 dropout variants.
                 const bool ordered = p.deterministic && p.counters != nullptr;
-                if (ordered) {  // ordered deterministic mode: this key block's turn on these rows
-                    if (sreg_tid() == 128) sem_wait(sem_at(h, m0 / BM), nb);
+                // ordered: the dq_accum plane of this step (1: a lower-part visit with two planes)
+                const int part = ordered && p.num_splits == 2 && m0 < pivot * BM ? 1 : 0;
+                if (kHelper) {
+                    mbar_wait(turn(g & 1), (g >> 1) & 1);  // the hand-over thread saw this block's turn
+                } else if (ordered) {  // ordered deterministic mode: this key block's turn on these rows
+                    if (sreg_tid() == 128) {
+                        int pt, rank;
+                        ordered_turn<BM, BN>(nb, m0 / BM, sreg_nctaid_x(), sq, sk, wr, p.num_splits == 2, pt, rank);
+                        sem_wait(sem_at(h, m0 / BM, pt), rank);
+                    }
                     named_bar_sync(kBarSem, 256);
                 }
                 if (!(MODE & kModeNoDQ)) {
@@ -603,7 +739,8 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     const int ft = sm80::opaque(tid);  // lane math recomputed here, not held across the loop
                     const bool odd = ft & 1;
                     const int row = m0 + (Tr::kDQByRows ? 64 * cw : 0) + 16 * (warp & 3) + ((ft & 31) >> 2) + (odd ? 8 : 0);
-                    float* dst = p.dq_accum + (p.num_splits > 1 ? (i64)sreg_ctaid_x() * p.batch * p.nheads * sq_pad * D : (i64)0)
+                    float* dst = p.dq_accum + (ordered ? part * (i64)p.batch * p.nheads * sq_pad * D
+                                                       : p.num_splits > 1 ? (i64)sreg_ctaid_x() * p.batch * p.nheads * sq_pad * D : (i64)0)
                                + (((i64)b * p.nheads + h) * sq_pad + row) * D + (Tr::kDQByRows ? 0 : 64 * cw) + 4 * ((ft & 3) >> 1);
 #pragma unroll
                     for (int nt = 0; nt < kNQ / 8; ++nt) {
@@ -615,10 +752,12 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                         else red_add_v4(dst + 8 * nt, dq[4 * nt + 0], dq[4 * nt + 1], y0, y1);
                     }
                 }
-                if (ordered) {  // every thread's reductions ordered before the hand-over
-                    __threadfence();
+                if (kHelper) {  // this warp's additions are issued: the hand-over thread releases them
+                    __syncwarp();
+                    if ((sm80::opaque(tid) & 31) == 0) mbar_arrive(done(g & 1));
+                } else if (ordered) {  // the hand-over: every consumer thread's reductions, then one release
                     named_bar_sync(kBarSem, 256);
-                    if (sreg_tid() == 128) atomicAdd(sem_at(h, m0 / BM), 1);
+                    if (sreg_tid() == 128) red_release_add(sem_at(h, m0 / BM, part), 1);
                 }
             }
             release(kv_empty);  // the last step's MMAs (the last to read K and V) have retired

@@ -33,10 +33,10 @@ SMEM_LIMIT = 227 * 1024
 def test_variants_only_for_sm90a():
     assert L.variants("sm_80") == [] and L.variants("sm_86") == [] and L.variants("sm_100") == []
     v = L.variants("sm_90a")
-    # fp16 / bf16 x (d64: MODE 0; d128: MODE 0 and the ordered deterministic mode's MODE_REVERSE) x
-    # (without, with dropout)
-    assert len(v) == len(set(v)) == 2 * 2 * sum(len(L.modes(t)) for t in L.TILES.values()) == 12
-    assert sum(n.endswith(", true>") for _, n in v) == 6
+    # fp16 / bf16 x d64 / d128 x (MODE 0, the ordered deterministic mode's MODE_ORDERED) x (without, with
+    # dropout)
+    assert len(v) == len(set(v)) == 2 * 2 * sum(len(L.modes(t)) for t in L.TILES.values()) == 16
+    assert sum(n.endswith(", true>") for _, n in v) == 8
     assert {f for f, _ in v} == {"bwd_sm90.cu"}
     for t in L.TILES.values():
         for tt in (t, L.tile_for(t.headdim_bucket, dropout=True)):
@@ -190,3 +190,43 @@ def test_block_model_ranges_and_mask_decisions(bm):
             # every row that keeps a key of the block is in a visited query block
             rows_needed = keep[:, n0:n0 + 128].any(axis=1)
             assert not (rows_needed & ~visited).any(), (sq, sk, wl, wr, n0)
+
+
+# ==== the ordered deterministic mode's schedule ==========================================================
+
+@pytest.mark.parametrize("bm", [64, 128])
+def test_ordered_walk_and_turns(bm):
+    """Mirror of bwd_sm90.cu's ordered mode (walk from the pivot; turns from ordered_turn): every key block
+    walks each of its query blocks once; on every (query block, plane) the turns are 0 .. k - 1 (a wrong
+    rank would make a block wait forever); with two planes a block's predecessor is key block nb + 1
+    (scheduled before it: the grid runs the key blocks last to first), and when the key blocks start
+    together no block reaches a query block before its predecessor has."""
+    bn = 128
+    for sq, sk, wr in itertools.product((1, 77, 128, 300, 1000, 2048), (1, 77, 128, 300, 1537, 4096), (-1, 0, 5, 300)):
+        n_kb = -(-sk // bn)
+        for nb in range(n_kb):  # the host's range is the kernel's (mirrored above)
+            assert L.query_block_range(nb * bn, sq, sk, -1, wr, bm, bn) == _query_block_range(nb * bn, sq, sk, -1, wr, bm)
+        for two in (False, True):
+            visits = {}
+            for nb in range(n_kb):
+                m_first, n_m = L.query_block_range(nb * bn, sq, sk, -1, wr, bm, bn)
+                if n_m == 0:
+                    continue
+                piv = L.ordered_pivot(nb, n_kb, sq, sk, wr, bm, bn)
+                assert m_first <= piv < m_first + n_m
+                walk = [piv + mi if piv + mi < m_first + n_m else piv + mi - n_m for mi in range(n_m)]
+                assert sorted(walk) == list(range(m_first, m_first + n_m))
+                for step, m in enumerate(walk):
+                    part, rank = L.ordered_turn(nb, m, n_kb, sq, sk, wr, two, bm, bn)
+                    assert part == (1 if two and m < piv else 0)  # the kernel's plane of the step
+                    visits.setdefault((m, part), []).append((rank, nb, step))
+            for key, v in visits.items():
+                v.sort()
+                assert [r for r, _, _ in v] == list(range(len(v))), (sq, sk, wr, two, key)
+                if two:
+                    nbs = [nb for _, nb, _ in v]
+                    assert nbs == list(range(nbs[0], nbs[0] - len(v), -1)), (sq, sk, wr, key)
+                    steps = [st for _, _, st in v]
+                    assert steps == sorted(steps), (sq, sk, wr, key, v)
+            if two and not L.ordered_has_lower(sq, sk, wr, bm, bn):
+                assert all(part == 0 for _, part in visits)
