@@ -25,6 +25,7 @@ bitwise reproducible on a given GPU (the split count depends on the SM count and
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 from . import _config, _launch
@@ -268,6 +269,87 @@ def deterministic_splits(batch: int, nheads: int, nheads_k: int, seqlen_q: int, 
     return 1
 
 
+# ---- the ordered deterministic mode (bwd_common.cuh: query_block_range, ordered_pivot, ordered_turn) -------------
+# Used by this path on sm_90a and by the Hopper backward (_launch_bwd_sm90).
+
+def query_block_range(n0: int, sq: int, sk: int, wl: int, wr: int, bm: int, bn: int) -> tuple[int, int]:
+    """(m_first, n_m): the query blocks of ``bm`` rows that keep a key of [n0, n0 + bn)."""
+    shift = sk - sq
+    n1 = min(n0 + bn, sk) - 1
+    i_lo, i_hi = 0, sq - 1
+    if wr >= 0:
+        i_lo = max(i_lo, n0 - shift - wr)
+    if wl >= 0:
+        i_hi = min(i_hi, n1 - shift + wl)
+    m_first = i_lo // bm
+    return m_first, (i_hi // bm - m_first + 1 if i_lo <= i_hi else 0)
+
+
+def ordered_pivot(nb: int, n_kb: int, sq: int, sk: int, wr: int, bm: int, bn: int) -> int:
+    """The first query block of key block ``nb``'s walk (its upper part: pivot .. M - 1; then the lower
+    part m_first .. pivot - 1)."""
+    m_first, _ = query_block_range(nb * bn, sq, sk, -1, wr, bm, bn)
+    return max(m_first, nb * _cdiv(sq, bm) // n_kb)
+
+
+def ordered_turn(nb: int, m: int, n_kb: int, sq: int, sk: int, wr: int, two: bool, bm: int, bn: int) -> tuple[int, int]:
+    """(part, rank): key block ``nb``'s turn on query block ``m`` it visits (bwd_common.cuh's closed form)."""
+    lower = n_kb - 1 if wr < 0 else min(n_kb - 1, ((m + 1) * bm + sk - sq + wr - 1) // bn)
+    upper = min(lower, ((m + 1) * n_kb - 1) // _cdiv(sq, bm))
+    if nb <= upper:
+        return 0, upper - nb
+    return (1 if two else 0), lower - nb + (0 if two else upper + 1)
+
+
+def ordered_turn_bisect(nb: int, m: int, n_kb: int, sq: int, sk: int, wr: int, two: bool, bm: int,
+                        bn: int) -> tuple[int, int]:
+    """ordered_turn by bisection over the walks' own bounds (the reference the tests hold it to)."""
+    def last(lo: int, upper: bool) -> int:
+        hi = n_kb - 1
+        while lo < hi:
+            mid = (lo + hi + 1) >> 1
+            mf, nm = query_block_range(mid * bn, sq, sk, -1, wr, bm, bn)
+            start = ordered_pivot(mid, n_kb, sq, sk, wr, bm, bn) if upper else mf
+            if nm > 0 and start <= m:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+    if m >= ordered_pivot(nb, n_kb, sq, sk, wr, bm, bn):
+        return 0, last(nb, True) - nb
+    return (1 if two else 0), last(nb, False) - nb + (0 if two else last(0, True) + 1)
+
+
+def ordered_has_lower(sq: int, sk: int, wr: int, bm: int, bn: int) -> bool:
+    """True when some key block's walk has a lower part (then two dq_accum planes keep the order)."""
+    n_kb = _cdiv(sk, bn)
+    for nb in range(n_kb):
+        m_first, n_m = query_block_range(nb * bn, sq, sk, -1, wr, bm, bn)
+        if n_m > 0 and ordered_pivot(nb, n_kb, sq, sk, wr, bm, bn) > m_first:
+            return True
+    return False
+
+
+ORDERED_ONE_PLANE_MAX_BLOCKS = 8
+
+
+def ordered_planes(run: Run, tile, lower: bool) -> int:
+    """dq_accum planes of the ordered mode (bwd_sm90.cu's header): 1 where no key block's walk has a lower
+    part; else 2 (each part adds into its own plane, a block only ever waits on key block nb + 1) unless
+    there are at most ORDERED_ONE_PLANE_MAX_BLOCKS key blocks: then the lower visitors follow the upper
+    ones in one plane (key block N - 1 waits on block 0, harmless when a head's few key blocks run side by
+    side), which saves a plane's memset and reads: measured on the H100 (bf16, non-causal, 16k tokens),
+    deterministic / default at seqlen 512 / 1k: d128 0.90 / 0.89 with one plane vs 0.80 / 0.86 with two,
+    d64 0.95 / 0.93 vs 0.87 / 0.90; from 2k two planes were level or ahead (8k: 0.92-0.95 vs 0.83-0.85).
+    CUFLASH_BWD_ORDERED_PLANES=1 or 2 forces the choice (tests, benchmarks)."""
+    if not lower:
+        return 1
+    forced = os.environ.get("CUFLASH_BWD_ORDERED_PLANES", "")
+    if forced in ("1", "2"):
+        return int(forced)
+    return 1 if _cdiv(run.seqlen_k, tile.block_n) <= ORDERED_ONE_PLANE_MAX_BLOCKS else 2
+
+
 def plan(run: Run, splits: int | None = None, tile: Sm80BwdTile | None = None) -> dict:
     """Tile, kernel names, splits and grids of this run (exposed for tests and benchmarks)."""
     tile = tile or _tile(run)
@@ -275,17 +357,27 @@ def plan(run: Run, splits: int | None = None, tile: Sm80BwdTile | None = None) -
         raise ValueError("cuflash: no sm80 backward tile fits this GPU's shared memory (use the portable path)")
     b, h, hk, sq, sk = run.batch, run.nheads, run.nheads_k, run.seqlen_q, run.seqlen_k
     n_blocks = _cdiv(sk, tile.block_n)
-    if not run.deterministic:
+    # Deterministic mode on sm_90a: ordered (bwd_sm80.cu, as the Hopper backward's: one block per key block,
+    # dQ added in a fixed order through per-query-block counters; needs no left window), unless ``splits``
+    # is given; elsewhere (and with a left window) per-split dQ copies. (The ordered mode is measured on the
+    # H100 only; sm_80 GPUs keep the split copies.)
+    ordered = bool(run.deterministic) and splits is None and run.window[0] < 0 and run.arch == "sm_90a"
+    lower = ordered and ordered_has_lower(sq, sk, run.window[1], tile.block_m, tile.block_n)
+    if ordered:
+        splits = ordered_planes(run, tile, lower)  # dq_accum planes
+    elif not run.deterministic:
         splits = 1
     elif splits is None:
         splits = deterministic_splits(b, h, hk, sq, sk, tile, _num_sms(run.device_id))
-    splits = max(1, min(int(splits), n_blocks))
+    if not ordered:
+        splits = max(1, min(int(splits), n_blocks))
     sq_pad = _cdiv(sq, PAD_ROWS) * PAD_ROWS
     return {
         "tile": tile, "names": kernel_names(run.dtype, tile, run.dropout_p > 0), "splits": splits, "sq_pad": sq_pad,
-        "n_blocks": n_blocks,
+        "n_blocks": n_blocks, "ordered": ordered,
+        "counters": b * h * _cdiv(sq, tile.block_m) * splits if ordered else 0,
         "grid_rows": (sq_pad // ROWS_PER_BLOCK, h, b),
-        "grid_main": (splits if run.deterministic else n_blocks, hk, b),
+        "grid_main": (splits if run.deterministic and not ordered else n_blocks, hk, b),
         "grid_convert": (_cdiv(sq, ROWS_PER_BLOCK), h, b),
     }
 
@@ -304,7 +396,13 @@ def backward_sm80(run: Run, splits: int | None = None, tile: Sm80BwdTile | None 
     run.scratch["bwd_sm80_vec"] = vec            # kept alive with the run (the launches are asynchronous)
     run.scratch["bwd_sm80_dq_accum"] = dq_accum
     _launch.memset(run, dq_accum)  # through the launch layer, so the fast path records and replays it
-    params = run.params(dsum=ptr(vec), dq_accum=ptr(dq_accum), num_splits=pl["splits"])
+    extra = {}
+    if pl["ordered"]:
+        counters = _launch.empty(run, (pl["counters"],), "int32")
+        run.scratch["bwd_sm80_counters"] = counters
+        _launch.memset(run, counters)
+        extra["counters"] = ptr(counters)
+    params = run.params(dsum=ptr(vec), dq_accum=ptr(dq_accum), num_splits=pl["splits"], **extra)
     launch(run, FILE, names["preprocess"], pl["grid_rows"], (ROW_THREADS,), params)
     launch(run, FILE, names["main"], pl["grid_main"], (THREADS,), params, tile.smem)
     launch(run, FILE, names["convert"], pl["grid_convert"], (ROW_THREADS,), params)

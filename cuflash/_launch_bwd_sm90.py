@@ -26,6 +26,8 @@ import os
 from dataclasses import dataclass, replace
 
 from . import _launch, _launch_bwd_sm80, _tma
+from ._launch_bwd_sm80 import (ORDERED_ONE_PLANE_MAX_BLOCKS, ordered_has_lower, ordered_pivot,  # noqa: F401
+                               ordered_planes, ordered_turn, query_block_range)
 from ._launch import CTYPES, Run, launch, ptr
 
 FILE = "bwd_sm90.cu"
@@ -162,76 +164,6 @@ def _mode_bits(tile: Sm90BwdTile, mode_: int | None, ordered: bool) -> int:
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-# ---- the ordered deterministic mode's walk (bwd_sm90.cu: query_block_range, ordered_pivot, ordered_turn) ----
-
-def query_block_range(n0: int, sq: int, sk: int, wl: int, wr: int, bm: int, bn: int) -> tuple[int, int]:
-    """(m_first, n_m): the query blocks of ``bm`` rows that keep a key of [n0, n0 + bn)."""
-    shift = sk - sq
-    n1 = min(n0 + bn, sk) - 1
-    i_lo, i_hi = 0, sq - 1
-    if wr >= 0:
-        i_lo = max(i_lo, n0 - shift - wr)
-    if wl >= 0:
-        i_hi = min(i_hi, n1 - shift + wl)
-    m_first = i_lo // bm
-    return m_first, (i_hi // bm - m_first + 1 if i_lo <= i_hi else 0)
-
-
-def ordered_pivot(nb: int, n_kb: int, sq: int, sk: int, wr: int, bm: int, bn: int) -> int:
-    """The first query block of key block ``nb``'s walk (its upper part: pivot .. M - 1; then the lower
-    part m_first .. pivot - 1)."""
-    m_first, _ = query_block_range(nb * bn, sq, sk, -1, wr, bm, bn)
-    return max(m_first, nb * _cdiv(sq, bm) // n_kb)
-
-
-def ordered_turn(nb: int, m: int, n_kb: int, sq: int, sk: int, wr: int, two: bool, bm: int, bn: int) -> tuple[int, int]:
-    """(part, rank): key block ``nb``'s turn on query block ``m`` (bwd_sm90.cu's ordered_turn, for tests)."""
-    def last(lo: int, upper: bool) -> int:
-        hi = n_kb - 1
-        while lo < hi:
-            mid = (lo + hi + 1) >> 1
-            mf, nm = query_block_range(mid * bn, sq, sk, -1, wr, bm, bn)
-            start = ordered_pivot(mid, n_kb, sq, sk, wr, bm, bn) if upper else mf
-            if nm > 0 and start <= m:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
-    if m >= ordered_pivot(nb, n_kb, sq, sk, wr, bm, bn):
-        return 0, last(nb, True) - nb
-    return (1 if two else 0), last(nb, False) - nb + (0 if two else last(0, True) + 1)
-
-
-def ordered_has_lower(sq: int, sk: int, wr: int, bm: int, bn: int) -> bool:
-    """True when some key block's walk has a lower part (then two dq_accum planes keep the order)."""
-    n_kb = _cdiv(sk, bn)
-    for nb in range(n_kb):
-        m_first, n_m = query_block_range(nb * bn, sq, sk, -1, wr, bm, bn)
-        if n_m > 0 and ordered_pivot(nb, n_kb, sq, sk, wr, bm, bn) > m_first:
-            return True
-    return False
-
-
-ORDERED_ONE_PLANE_MAX_BLOCKS = 8
-
-
-def ordered_planes(run: Run, tile: Sm90BwdTile, lower: bool) -> int:
-    """dq_accum planes of the ordered mode (bwd_sm90.cu's header): 1 where no key block's walk has a lower
-    part; else 2 (each part adds into its own plane, a block only ever waits on key block nb + 1) unless
-    there are at most ORDERED_ONE_PLANE_MAX_BLOCKS key blocks: then the lower visitors follow the upper
-    ones in one plane (key block N - 1 waits on block 0, harmless when a head's few key blocks run side by
-    side), which saves a plane's memset and reads: measured on the H100 (bf16, non-causal, 16k tokens),
-    deterministic / default at seqlen 512 / 1k: d128 0.90 / 0.89 with one plane vs 0.80 / 0.86 with two,
-    d64 0.95 / 0.93 vs 0.87 / 0.90; from 2k two planes were level or ahead (8k: 0.92-0.95 vs 0.83-0.85).
-    CUFLASH_BWD_ORDERED_PLANES=1 or 2 forces the choice (tests, benchmarks)."""
-    if not lower:
-        return 1
-    forced = os.environ.get("CUFLASH_BWD_ORDERED_PLANES", "")
-    if forced in ("1", "2"):
-        return int(forced)
-    return 1 if _cdiv(run.seqlen_k, tile.block_n) <= ORDERED_ONE_PLANE_MAX_BLOCKS else 2
 
 
 def plan(run: Run, splits: int | None = None, tile: Sm90BwdTile | None = None, mode_: int | None = None) -> dict:

@@ -142,4 +142,76 @@ __device__ __forceinline__ float bwd_ds(const Params& p, float dot, float dp, in
     return ds;
 }
 
+// ---- the ordered deterministic mode (bwd_sm90.cu's header; bwd_sm80.cu takes it too) ----------------------
+// Key block nb (N of them, BN keys) visits the query blocks (BM rows) m_first .. M - 1 (no left window),
+// walking from its pivot; every query block's dQ rows receive the additions in a fixed order, counted by
+// a counter per (batch, head, query block, part).
+
+__device__ __forceinline__ int ld_acquire(const int* a) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(a) : "memory");
+    return v;
+}
+// Ordered mode: wait until counter `c` reads `rank` (this block's turn).
+__device__ __forceinline__ void sem_wait(const int* c, int rank) {
+    while (ld_acquire(c) != rank) __nanosleep(32);
+}
+// Ordered mode: raise counter `c` after the block's reductions (a release at GPU scope: cumulative over the
+// other threads' reductions, ordered before it by a barrier).
+__device__ __forceinline__ void red_release_add(int* c, int v) {
+    asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(c), "r"(v) : "memory");
+}
+
+// Query blocks (of BM rows) that keep at least one key of [n0, n0 + BN) (both window bounds are
+// non-decreasing in the row): m_first .. m_first + n_m - 1.
+template <int BM, int BN>
+__device__ __forceinline__ void query_block_range(int n0, int sq, int sk, int wl, int wr, int& m_first, int& n_m) {
+    const long long shift = (long long)sk - sq;
+    const long long n1 = min(n0 + BN, sk) - 1;
+    long long i_lo = 0, i_hi = (long long)sq - 1;
+    if (wr >= 0) i_lo = max(i_lo, (long long)n0 - shift - wr);
+    if (wl >= 0) i_hi = min(i_hi, n1 - shift + wl);
+    m_first = (int)(i_lo / BM);
+    n_m = i_lo <= i_hi ? (int)(i_hi / BM) - m_first + 1 : 0;
+}
+
+// a * b / c for non-negative ints (32-bit division where the product fits)
+__device__ __forceinline__ int muldiv(int a, int b, int c) {
+    const unsigned long long x = (unsigned long long)a * (unsigned)b;
+    return x >> 32 ? (int)(x / (unsigned)c) : (int)((unsigned)x / (unsigned)c);
+}
+// Ordered mode (no left window): the first query block of key block nb's upper part; n_kb key blocks.
+template <int BM, int BN>
+__device__ __forceinline__ int ordered_pivot(int nb, int n_kb, int sq, int sk, int wr) {
+    int m_first, n_m;
+    query_block_range<BM, BN>(nb * BN, sq, sk, -1, wr, m_first, n_m);
+    return max(m_first, muldiv(nb, (sq + BM - 1) / BM, n_kb));
+}
+// The walk's step mi (0 .. n_m - 1) of a key block: pivot .. m_first + n_m - 1, then m_first .. pivot - 1.
+__device__ __forceinline__ int walk_m(int mi, int m_first, int n_m, int pivot) {
+    const int m = pivot + mi;
+    return m >= m_first + n_m ? m - n_m : m;
+}
+// Ordered mode: key block nb's turn on query block m (counter index part, value rank), nb visiting m. The
+// key blocks whose walk holds m are 0 .. lower: m_first(j) <= m <=> j BN < (m + 1) BM + shift + wr (no
+// left window: every key block visits some query block); those whose upper part holds m are 0 .. upper:
+// besides, j M / n_kb <= m <=> j <= ((m + 1) n_kb - 1) / M (both bounds rise with the key block).
+// (cuflash/_launch_bwd_sm80.py mirrors this and checks it against a bisection over the same bounds.)
+template <int BM, int BN>
+__device__ __noinline__ void ordered_turn(int nb, int m, int n_kb, int sq, int sk, int wr, bool two, int& part,
+                                          int& rank) {
+    const int M = (sq + BM - 1) / BM;
+    const int lower = wr < 0 ? n_kb - 1
+                             : (int)min((long long)n_kb - 1, ((long long)(m + 1) * BM + sk - sq + wr - 1) / BN);
+    const unsigned long long x = (unsigned long long)(m + 1) * (unsigned)n_kb - 1;  // >= 0
+    const int upper = min(lower, x >> 32 ? (int)(x / (unsigned)M) : (int)((unsigned)x / (unsigned)M));
+    if (nb <= upper) {  // an upper visitor
+        part = 0;
+        rank = upper - nb;
+    } else {
+        part = two ? 1 : 0;
+        rank = lower - nb + (two ? 0 : upper + 1);
+    }
+}
+
 }  // namespace cuflash

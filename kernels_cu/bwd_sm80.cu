@@ -253,12 +253,20 @@ bwd_sm80(const Params p) {
     // (recomputed where used rather than held across the loops).
     auto vec_d = [&]() { return p.dsum; };
     auto vec_l = [&]() { return p.dsum + (i64)p.batch * p.nheads * opaque(sq_pad); };
-    auto dq_acc = [&]() {
-        return p.dq_accum + (p.deterministic ? (i64)blockIdx.x * p.batch * p.nheads * opaque(sq_pad) * D : (i64)0);
+    // Ordered deterministic mode (Params::counters set; bwd_common.cuh, bwd_sm90.cu's header): one block per
+    // key block, taken last to first; the block walks its query blocks from its pivot; before a step's dQ
+    // reductions thread 0 waits for the block's turn on the step's counter, and it releases the counter
+    // after the next barrier (the top of the next step, or before the epilogue), when the reductions have
+    // long been issued. Params::num_splits = dq_accum planes (1 or 2: the lower part's own plane).
+    const bool ordered = p.counters != nullptr;
+    auto dq_acc = [&](int part) {
+        return p.dq_accum + (ordered || p.deterministic ? (i64)(ordered ? part : (int)blockIdx.x) * p.batch * p.nheads
+                                                              * opaque(sq_pad) * D
+                                                        : (i64)0);
     };
     const bool transform = p.softcap > 0.f || p.alibi != nullptr;
 
-    for (int nb = blockIdx.x; nb < n_blocks; nb += gridDim.x) {
+    for (int nb = ordered ? (int)(gridDim.x - 1 - blockIdx.x) : (int)blockIdx.x; nb < n_blocks; nb += gridDim.x) {
         const int n0 = nb * BN;
         // Query rows that keep at least one key of [n0, n1] (both window bounds are non-decreasing in
         // the row): [i_lo, i_hi]; query blocks outside are fully masked and skipped.
@@ -269,6 +277,15 @@ bwd_sm80(const Params p) {
         const int m_first = (int)(i_lo / BM);
         const int n_m = i_lo <= i_hi ? (int)(i_hi / BM) - m_first + 1 : 0;  // query blocks per head
         const int n_iter = n_m * group;
+        const int pivot = ordered ? ordered_pivot<BM, BN>(nb, n_blocks, sq, sk, wr) : m_first;
+        auto step_m0 = [&](int mi) { return (ordered ? walk_m(mi, m_first, n_m, pivot) : m_first + mi) * BM; };
+        // ordered: the counter of step it (head hk group + it / n_m, query block step_m0(it % n_m) / BM)
+        auto step_counter = [&](int it) {
+            const int hi = it / n_m, m = step_m0(it - hi * n_m) / BM;
+            const int part = p.num_splits == 2 && m < pivot ? 1 : 0;
+            return p.counters + (((i64)opaque(b) * p.nheads + hk * group + hi) * ((sq + BM - 1) / BM) + m) * p.num_splits
+                 + part;
+        };
 
         {   // K, V of this key block: one commit group
             const int ft = opaque(tid);
@@ -297,7 +314,7 @@ bwd_sm80(const Params p) {
             }
             cp_async_commit();
         };
-        if (n_iter > 0) issue_q(hk * group, m_first * BM, 0);
+        if (n_iter > 0) issue_q(hk * group, step_m0(0), 0);
 
         float acc_dk[MTKV][2 * SKV][4], acc_dv[MTKV][2 * SKV][4];
 #pragma unroll
@@ -313,7 +330,7 @@ bwd_sm80(const Params p) {
         int hi_ = 0, mi_ = 0;  // head index in the group and query block index of the next step
         for (int it = 0; it < n_iter; ++it) {
             const int h = hk * group + hi_;
-            const int m0 = (m_first + mi_) * BM;
+            const int m0 = step_m0(mi_);
             const int st = ST == 2 ? (it & 1) : 0;
             if (++mi_ == n_m) { mi_ = 0; ++hi_; }
 
@@ -338,7 +355,8 @@ bwd_sm80(const Params p) {
 
             cp_async_wait<0>();  // this step's Q, dO, D, L (and K, V) have landed
             __syncthreads();     // ... for every thread; every warp is done with the previous step
-            if (ST == 2 && it + 1 < n_iter) issue_q(hk * group + hi_, (m_first + mi_) * BM, st ^ 1);
+            if (ordered && it > 0 && tid == 0) red_release_add(step_counter(it - 1), 1);  // its dQ additions
+            if (ST == 2 && it + 1 < n_iter) issue_q(hk * group + hi_, step_m0(mi_), st ^ 1);
 
             const u32 sQ = sQ0 + (u32)(st * Tr::kQBytes), sdO = sdO0 + (u32)(st * Tr::kQBytes);
             const u32 sVec = sVec0 + (u32)(st * Tr::kVecBytes);
@@ -561,9 +579,19 @@ bwd_sm80(const Params p) {
                         }
                     }
                 }
+                int part = 0;
+                if (ordered) {  // this key block's turn on the step's rows
+                    if (tid == 0) {
+                        int rank;
+                        ordered_turn<BM, BN>(nb, m0 / BM, n_blocks, sq, sk, wr, p.num_splits == 2, part, rank);
+                        sem_wait(step_counter(it), rank);
+                    }
+                    __syncthreads();
+                    part = p.num_splits == 2 && m0 < pivot * BM ? 1 : 0;
+                }
                 // element (row wm_q TM_Q + 16 mt + 8 hh + g, column 16 (wd_q + WD_Q k) + 8 (n % 2) + 2 tq + e)
                 const int ft = opaque(tid);
-                float* dst = dq_acc()
+                float* dst = dq_acc(part)
                            + (((i64)opaque(b) * p.nheads + h) * sq_pad + m0 + wm_q(ft) * Tr::kTMQ + fg(ft)) * D
                            + 16 * wd_q(ft) + 2 * ftq(ft);
 #pragma unroll
@@ -613,7 +641,7 @@ bwd_sm80(const Params p) {
                 gemm_tn(acc_dk, sdS, sQ);
                 if (it + 1 < n_iter) {
                     __syncthreads();  // every warp is done with this step's Q, dO, D, L
-                    issue_q(hk * group + hi_, (m_first + mi_) * BM, 0);
+                    issue_q(hk * group + hi_, step_m0(mi_), 0);
                 }
                 dq_step();
             }
@@ -622,6 +650,7 @@ bwd_sm80(const Params p) {
         // ---- epilogue: dK * scale and dV in T, staged in the K and V tiles, 16-byte stores ------------------
         cp_async_wait<0>();  // nothing may still land in shared memory (n_iter == 0 leaves K, V in flight)
         __syncthreads();     // every warp is done with K and V
+        if (ordered && n_iter > 0 && tid == 0) red_release_add(step_counter(n_iter - 1), 1);  // the last step's
         {
             const int ft = opaque(tid);
             const float sc = p.scale;

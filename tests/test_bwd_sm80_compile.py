@@ -277,9 +277,26 @@ def test_plan_and_splits(monkeypatch):
     assert pl["splits"] == 1 and pl["grid_main"] == (-(-1537 // t.block_n), 2, 2)
     assert pl["sq_pad"] == 1024 and pl["grid_rows"] == (32, 4, 2) and pl["grid_convert"] == (32, 4, 2)
     r.deterministic = True
+    # sm_90a: the ordered mode (one block per key block; dq_accum planes: 2 with a lower part above 8 key
+    # blocks; counters per (batch, head, query block, plane))
     pl = L.plan(r)
-    assert 1 <= pl["splits"] <= pl["n_blocks"] and pl["grid_main"] == (pl["splits"], 2, 2)
+    assert pl["ordered"] and pl["splits"] == 2 and pl["grid_main"] == (pl["n_blocks"], 2, 2)
+    assert pl["counters"] == 2 * 4 * -(-1000 // t.block_m) * 2
+    causal = _fake_run(shape=(2, 1000, 1000, 4, 2, 64))
+    causal.deterministic, causal.window = True, (-1, 0)
+    assert L.plan(causal)["splits"] == 1  # causal, square: no lower part
+    short = _fake_run(shape=(2, 300, 500, 4, 2, 64))
+    short.deterministic = True
+    assert L.plan(short)["splits"] == 1  # 8 key blocks: one plane
+    # explicit splits, a left window, or sm_80: per-split dQ copies
     assert L.plan(r, splits=3)["splits"] == 3 and L.plan(r, splits=10**6)["splits"] == pl["n_blocks"]
+    assert not L.plan(r, splits=3)["ordered"]
+    r.window = (100, -1)
+    pl = L.plan(r)
+    assert not pl["ordered"] and 1 <= pl["splits"] <= pl["n_blocks"] and pl["grid_main"] == (pl["splits"], 2, 2)
+    r.window, r.arch = (-1, -1), "sm_80"
+    pl = L.plan(r)
+    assert not pl["ordered"] and 1 <= pl["splits"] <= pl["n_blocks"] and pl["grid_main"] == (pl["splits"], 2, 2)
     # a grid that already fills the GPU needs no split; a small one does; the memory cap holds
     assert L.deterministic_splits(8, 16, 16, 4096, 4096, L.TILES[128], 132) == 1
     assert L.deterministic_splits(1, 16, 16, 4096, 4096, L.TILES[128], 132) > 1

@@ -22,6 +22,7 @@ from cuflash import _compile
 pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) not installed")
 
 from cuflash import _launch, _launch_bwd_sm90 as L  # noqa: E402
+from cuflash._launch_bwd_sm80 import ordered_turn_bisect  # noqa: E402
 
 from .compile_util import compile_variants, requires_nvrtc  # noqa: E402
 
@@ -194,18 +195,18 @@ def test_block_model_ranges_and_mask_decisions(bm):
 
 # ==== the ordered deterministic mode's schedule ==========================================================
 
-@pytest.mark.parametrize("bm", [64, 128])
-def test_ordered_walk_and_turns(bm):
+@pytest.mark.parametrize("bm,bn", [(64, 128), (128, 128), (64, 64)])
+def test_ordered_walk_and_turns(bm, bn):
     """Mirror of bwd_sm90.cu's ordered mode (walk from the pivot; turns from ordered_turn): every key block
     walks each of its query blocks once; on every (query block, plane) the turns are 0 .. k - 1 (a wrong
     rank would make a block wait forever); with two planes a block's predecessor is key block nb + 1
     (scheduled before it: the grid runs the key blocks last to first), and when the key blocks start
-    together no block reaches a query block before its predecessor has."""
-    bn = 128
+    together no block reaches a query block before its predecessor has. The turns' closed form (the
+    kernels') equals a bisection over the walks' bounds. (64, 64): bwd_sm80.cu's d > 128 tiles."""
     for sq, sk, wr in itertools.product((1, 77, 128, 300, 1000, 2048), (1, 77, 128, 300, 1537, 4096), (-1, 0, 5, 300)):
         n_kb = -(-sk // bn)
         for nb in range(n_kb):  # the host's range is the kernel's (mirrored above)
-            assert L.query_block_range(nb * bn, sq, sk, -1, wr, bm, bn) == _query_block_range(nb * bn, sq, sk, -1, wr, bm)
+            assert L.query_block_range(nb * bn, sq, sk, -1, wr, bm, bn) == _query_block_range(nb * bn, sq, sk, -1, wr, bm, bn)
         for two in (False, True):
             visits = {}
             for nb in range(n_kb):
@@ -218,6 +219,7 @@ def test_ordered_walk_and_turns(bm):
                 assert sorted(walk) == list(range(m_first, m_first + n_m))
                 for step, m in enumerate(walk):
                     part, rank = L.ordered_turn(nb, m, n_kb, sq, sk, wr, two, bm, bn)
+                    assert (part, rank) == ordered_turn_bisect(nb, m, n_kb, sq, sk, wr, two, bm, bn)
                     assert part == (1 if two and m < piv else 0)  # the kernel's plane of the step
                     visits.setdefault((m, part), []).append((rank, nb, step))
             for key, v in visits.items():
