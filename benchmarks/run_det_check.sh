@@ -8,22 +8,7 @@ OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUFLASH_CACHE_DIR=${CUFLASH_CACHE_DIR:-$PWD/.kcache}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 # warm the kernel cache in parallel: the variants of the files these tests use
-python3 - <<'PY' 2>&1 | tail -3
-from concurrent.futures import ProcessPoolExecutor
-from cuflash import _compile
-from cuflash._precompile import all_variants
-arch = _compile.device_arch(0)
-vs = [v for v in all_variants(arch) if v[0] in ("bwd_sm90.cu", "bwd_sm80.cu", "fwd_sm90.cu", "fwd_sm80.cu")]
-def one(v):
-    try:
-        _compile.compile_cubin(v[0], (v[1],), arch)
-    except Exception as e:
-        return f"COMPILE FAILED {v}: {str(e)[:300]}"
-with ProcessPoolExecutor(16) as ex:
-    for r in ex.map(one, vs):
-        if r: print(r)
-print(f"precompiled {len(vs)} variants for {arch}")
-PY
+python3 benchmarks/precompile_files.py bwd_sm90.cu bwd_sm80.cu fwd_sm90.cu fwd_sm80.cu 2>&1 | tail -3
 timeout 300 python3 -m pytest -q -rs -x tests/test_gpu_backward_sm90.py tests/test_gpu_dropout_backward_sm90.py \
     -k "${TESTS_K:-determin or ordered or gqa or strided}" 2>&1 | tee "$OUT/pytest.txt" | tail -6
 timeout 200 python3 benchmarks/bench_attention.py --mode bwd --headdims 64,128 --impls cuflash,cuflash-det,torch-fa2 \

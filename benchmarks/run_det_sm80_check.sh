@@ -5,22 +5,7 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUFLASH_CACHE_DIR=${CUFLASH_CACHE_DIR:-$PWD/.kcache}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 - <<'PY' 2>&1 | tail -3
-from concurrent.futures import ProcessPoolExecutor
-from cuflash import _compile
-from cuflash._precompile import all_variants
-arch = _compile.device_arch(0)
-vs = [v for v in all_variants(arch) if v[0] in ("bwd_sm80.cu", "fwd_sm90.cu", "fwd_sm80.cu", "bwd_portable.cu")]
-def one(v):
-    try:
-        _compile.compile_cubin(v[0], (v[1],), arch)
-    except Exception as e:
-        return f"COMPILE FAILED {v}: {str(e)[:300]}"
-with ProcessPoolExecutor(16) as ex:
-    for r in ex.map(one, vs):
-        if r: print(r)
-print(f"precompiled {len(vs)} variants for {arch}")
-PY
+python3 benchmarks/precompile_files.py bwd_sm80.cu fwd_sm90.cu fwd_sm80.cu bwd_portable.cu 2>&1 | tail -3
 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -rs -x tests/test_gpu_backward_sm80.py -k "${TESTS_K:-determin or ordered}" 2>&1 \
     | tee "$OUT/pytest.txt" | tail -6
 timeout 200 python3 benchmarks/bench_attention.py --mode bwd --headdims 256 --impls cuflash,cuflash-det,torch-fa2 \

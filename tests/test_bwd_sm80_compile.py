@@ -630,14 +630,7 @@ def _emulate_backward(q, k, v, out, lse, dout, dtype, *, scale, window, softcap=
                 split = bx if deterministic else 0
                 for nb in range(bx, n_blocks, gridx):
                     n0 = nb * BN
-                    n1 = min(n0 + BN, sk) - 1
-                    i_lo, i_hi = 0, sq - 1
-                    if wr >= 0:
-                        i_lo = max(i_lo, n0 - shift - wr)
-                    if wl >= 0:
-                        i_hi = min(i_hi, n1 - shift + wl)
-                    m_first = i_lo // BM
-                    n_m = (i_hi // BM - m_first + 1) if i_lo <= i_hi else 0
+                    m_first, n_m = L.query_block_range(n0, sq, sk, wl, wr, BM, BN)  # the kernel's bounds
                     Kt, Vt = np.zeros((BN, D), np.float32), np.zeros((BN, D), np.float32)
                     nv = min(BN, sk - n0)
                     Kt[:nv, :hd], Vt[:nv, :hd] = k[b, n0:n0 + nv, hk], v[b, n0:n0 + nv, hk]

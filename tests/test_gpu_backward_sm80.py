@@ -306,8 +306,14 @@ def test_sm80_default_and_deterministic_agree(sm80):
     dict(dtype="bfloat16", seqlens=(1500, 1500), heads=(3, 3), d=96, causal=True),
 ], ids=["d256-square", "d256-gqa-causal-sq<sk", "d160-mqa-sq>sk", "d96-causal"])
 def test_sm80_ordered_planes(sm80, monkeypatch, case, planes):
-    """The ordered deterministic mode of bwd_sm80.cu (sm_90a) with one and two dq_accum planes: bitwise equal
-    over repeated runs, equal to the reference, and the host's plane count."""
+    """The ordered deterministic mode of bwd_sm80.cu (sm_90a) with one and two dq_accum planes."""
+    ordered_planes_case(sm80, monkeypatch, case, planes, _launch_bwd_sm80, "bwd_sm80", seed=32)
+
+
+def ordered_planes_case(pin, monkeypatch, case, planes, launcher, prefix, seed):
+    """The ordered deterministic mode (bwd_common.cuh) with CUFLASH_BWD_ORDERED_PLANES = ``planes`` through
+    the path ``pin`` records (``launcher``, scratch names ``prefix``_*): bitwise equal over repeated runs,
+    equal to the reference, and the host's plane and counter counts."""
     from cuflash import _api
 
     monkeypatch.setenv("CUFLASH_BWD_ORDERED_PLANES", planes)
@@ -315,7 +321,7 @@ def test_sm80_ordered_planes(sm80, monkeypatch, case, planes):
     dtype = case["dtype"]
     sq, sk = case["seqlens"]
     h, hk = case["heads"]
-    q, k, v, do, _ = _inputs(32, dtype, 2, sq, sk, h, hk, case["d"])
+    q, k, v, do, _ = _inputs(seed, dtype, 2, sq, sk, h, hk, case["d"])
     opts = dict(causal=case["causal"], softmax_scale=None, window_size=(-1, -1), softcap=0.0)
     qd, kd, vd, dod = (_dev(x, dtype, "contig") for x in (q, k, v, do))
     out, lse = cuflash.attention(qd, kd, vd, return_lse=True, **opts)
@@ -326,17 +332,18 @@ def test_sm80_ordered_planes(sm80, monkeypatch, case, planes):
     for cur in runs[1:]:
         for name, x, y in zip(("dq", "dk", "dv"), runs[0], cur):
             assert np.array_equal(x, y), f"{name} differs between deterministic runs"
-    run = sm80.runs[-1]
+    run = pin.runs[-1]
     if run.arch != "sm_90a":
         pytest.skip("the ordered mode runs on sm_90a only")
-    tile = _launch_bwd_sm80.plan(run)["tile"]
-    lower = _launch_bwd_sm80.ordered_has_lower(sq, sk, 0 if case["causal"] else -1, tile.block_m, tile.block_n)
-    assert "bwd_sm80_counters" in run.scratch
-    assert run.scratch["bwd_sm80_dq_accum"].shape[0] == (2 if lower and planes == "2" else 1)
+    tile = launcher.plan(run)["tile"]
+    lower = launcher.ordered_has_lower(sq, sk, 0 if case["causal"] else -1, tile.block_m, tile.block_n)
+    assert lower or case["causal"]  # (causal: a lower part only where seqlen_q != seqlen_k)
+    planes_used = run.scratch[f"{prefix}_dq_accum"].shape[0]
+    assert planes_used == (2 if lower and planes == "2" else 1)
+    assert run.scratch[f"{prefix}_counters"].size == planes_used * 2 * h * -(-sq // tile.block_m)
     ref, base, _ = _reference(q, k, v, do, None, dtype, opts)
     for name, g, r, bs in zip(("dq", "dk", "dv"), grads, ref, base):
         check_grad(name, to_numpy64(g), r, bs, dtype, grad_scale(ref))
-
 
 # ---- routes into the path ----------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _hopper(), reason="no CUDA
 
 from cuflash import _launch, _launch_bwd_sm90  # noqa: E402
 
-from .test_gpu_backward_sm80 import _dev, _nan  # noqa: E402
+from .test_gpu_backward_sm80 import _dev, _nan, ordered_planes_case  # noqa: E402
 
 
 class _Pin:
@@ -243,36 +243,8 @@ def test_sm90_deterministic_bitwise(sm90, case, splits):
     dict(dtype="bfloat16", seqlens=(640, 3000), heads=(2, 2), d=64, causal=True),
 ], ids=["d64-square", "d128-gqa-sq<sk", "d128-sq>sk", "d64-causal-sq>sk", "d128-causal", "d64-causal-sq<sk"])
 def test_sm90_ordered_planes(sm90, monkeypatch, case, planes):
-    """The ordered deterministic mode with one and two dq_accum planes (bwd_sm90.cu's header): bitwise
-    equal over repeated runs, equal to the reference, and the host's plane count."""
-    from cuflash import _api
-
-    monkeypatch.setenv("CUFLASH_BWD_ORDERED_PLANES", planes)
-    _api.clear_plan_cache()  # the plan cache keys on shapes, not on the environment
-    dtype = case["dtype"]
-    sq, sk = case["seqlens"]
-    h, hk = case["heads"]
-    q, k, v, do, _ = _inputs(31, dtype, 2, sq, sk, h, hk, case["d"])
-    opts = dict(causal=case["causal"], softmax_scale=None, window_size=(-1, -1), softcap=0.0)
-    qd, kd, vd, dod = (_dev(x, dtype, "contig") for x in (q, k, v, do))
-    out, lse = cuflash.attention(qd, kd, vd, return_lse=True, **opts)
-    runs = []
-    for _ in range(3):
-        grads = cuflash.attention_backward(dod, qd, kd, vd, out, lse, deterministic=True, **opts)
-        runs.append([cupy.asnumpy(g).view(np.uint16) for g in grads])
-    for cur in runs[1:]:
-        for name, x, y in zip(("dq", "dk", "dv"), runs[0], cur):
-            assert np.array_equal(x, y), f"{name} differs between deterministic runs"
-    run = sm90.runs[-1]
-    tile = _launch_bwd_sm90.tile_for(case["d"])
-    lower = _launch_bwd_sm90.ordered_has_lower(sq, sk, 0 if case["causal"] else -1, tile.block_m, tile.block_n)
-    assert lower or case["causal"]  # (causal: a lower part only where seqlen_q != seqlen_k)
-    assert run.scratch["bwd_sm90_dq_accum"].shape[0] == (2 if lower and planes == "2" else 1)
-    assert run.scratch["bwd_sm90_counters"].size == run.scratch["bwd_sm90_dq_accum"].shape[0] * 2 * h * -(-sq // tile.block_m)
-    ref, base, _ = _reference(q, k, v, do, None, dtype, opts)
-    for name, g, r, bs in zip(("dq", "dk", "dv"), grads, ref, base):
-        check_grad(name, to_numpy64(g), r, bs, dtype, grad_scale(ref))
-
+    """The ordered deterministic mode with one and two dq_accum planes (bwd_sm90.cu's header)."""
+    ordered_planes_case(sm90, monkeypatch, case, planes, _launch_bwd_sm90, "bwd_sm90", seed=31)
 
 def test_sm90_default_and_deterministic_agree(sm90):
     q, k, v, do, _ = _inputs(23, "bfloat16", 2, 239, 513, 4, 2, 128)
