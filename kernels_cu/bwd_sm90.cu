@@ -15,7 +15,8 @@
 //     bounds rise with nb, so on any query block m the upper visitors arrive in descending key-block
 //     order (block nb reaches m after m - pivot(nb) steps), and so do the lower ones;
 //   * counter (b, h, m, part) counts the additions done; block nb adds when it reads the number of
-//     visitors of that part above nb (found by bisection over the same bounds), then raises it (release).
+//     visitors of that part above nb (closed forms: bwd_common.cuh's ordered_turn), then raises it
+//     (release).
 //     With two parts (Params::num_splits = 2, the host's choice when a lower part exists) the parts add
 //     into dq_accum planes 0 and 1 (dq_convert sums them) and a block only ever waits on key block
 //     nb + 1, scheduled before it: no deadlock and no wait on a block scheduled late. With one plane the
@@ -138,7 +139,9 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     auto done = [&](int t) { return bar0 + 8u * (Tr::kBars + 2 + t); };
 
     // The first key block of this block (kModeOrdered: the last key block first) and the walk's pivot.
-    auto first_kb = [] { return (MODE & kModeOrdered) ? (int)sreg_nctaid_x() - 1 - (int)sreg_ctaid_x() : (int)sreg_ctaid_x(); };
+    auto first_kb = [] {
+        return (MODE & kModeOrdered) ? (int)sreg_nctaid_x() - 1 - (int)sreg_ctaid_x() : (int)sreg_ctaid_x();
+    };
     auto pivot_of = [](int nb, int sq, int sk, int wr, int m_first) {
         return (MODE & kModeOrdered) ? ordered_pivot<BM, Tr::kBN>(nb, sreg_nctaid_x(), sq, sk, wr) : m_first;
     };
@@ -204,7 +207,9 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                         const int s = g % STAGES;
                         if (g >= STAGES) mbar_wait(q_empty(s), ((g / STAGES) & 1) ^ 1);
                         const int h = hk * group + hi;
-                        const int m0 = ((MODE & kModeOrdered) ? walk_m(mi, m_first, n_m, pivot_of(nb, fresh(0), fresh(1), fresh(6), m_first)) : m_first + mi) * BM;
+                        const int m0 = ((MODE & kModeOrdered)
+                                            ? walk_m(mi, m_first, n_m, pivot_of(nb, fresh(0), fresh(1), fresh(6), m_first))
+                                            : m_first + mi) * BM;
                         mbar_arrive_expect_tx(q_full(s), 2 * Tr::kQBytes + Tr::kVecBytes);
 #pragma unroll
                         for (int ch = 0; ch < Tr::kChunks; ++ch) {
@@ -298,7 +303,9 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                         query_block_range<BM, BN>(st[0] * BN, fresh(0), fresh(1), fresh(5), fresh(6), m_first, n_m);
                         const int it = st[2], hi = it / n_m, mi = it - hi * n_m;
                         const int3 c = sreg_ctaid();
-                        st[4] = ((MODE & kModeOrdered) ? walk_m(mi, m_first, n_m, pivot_of(st[0], fresh(0), fresh(1), fresh(6), m_first)) : m_first + mi) * BM;
+                        st[4] = ((MODE & kModeOrdered)
+                                     ? walk_m(mi, m_first, n_m, pivot_of(st[0], fresh(0), fresh(1), fresh(6), m_first))
+                                     : m_first + mi) * BM;
                         st[5] = c.z * p.nheads + c.y * (fresh(2) / fresh(3)) + hi;
                         st[6] = s;
                     }
