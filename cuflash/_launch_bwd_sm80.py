@@ -320,8 +320,11 @@ def ordered_turn_bisect(nb: int, m: int, n_kb: int, sq: int, sk: int, wr: int, t
     return (1 if two else 0), last(nb, False) - nb + (0 if two else last(0, True) + 1)
 
 
+@functools.lru_cache(maxsize=1024)
 def ordered_has_lower(sq: int, sk: int, wr: int, bm: int, bn: int) -> bool:
-    """True when some key block's walk has a lower part (then two dq_accum planes keep the order)."""
+    """True when some key block's walk has a lower part (then two dq_accum planes keep the order). One pass
+    over the key blocks, cached per shape (the full call path plans every call until the fast path
+    records)."""
     n_kb = _cdiv(sk, bn)
     for nb in range(n_kb):
         m_first, n_m = query_block_range(nb * bn, sq, sk, -1, wr, bm, bn)
