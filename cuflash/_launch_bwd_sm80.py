@@ -387,25 +387,33 @@ def plan(run: Run, splits: int | None = None, tile: Sm80BwdTile | None = None) -
 
 # ---- launch ----------------------------------------------------------------------------------------
 
+def scratch_fields(run: Run, pl: dict, prefix: str) -> dict:
+    """The scratch of a backward plan (this path's or the Hopper backward's), kept alive in ``run.scratch``
+    under ``prefix``_* (the launches are asynchronous): vec (D and L rows), dq_accum (zeroed) and, in the
+    ordered deterministic mode, its counters (zeroed). Zeroing goes through the launch layer, so the fast
+    path records and replays it. Returns the Params fields that point at them."""
+    b, h, sq_pad = run.batch, run.nheads, pl["sq_pad"]
+    vec = _launch.empty(run, (2, b, h, sq_pad), "float32")
+    dq_accum = _launch.empty(run, (pl["splits"], b, h, sq_pad, pl["tile"].headdim_bucket), "float32")
+    run.scratch[f"{prefix}_vec"] = vec
+    run.scratch[f"{prefix}_dq_accum"] = dq_accum
+    _launch.memset(run, dq_accum)
+    fields = {"dsum": ptr(vec), "dq_accum": ptr(dq_accum), "num_splits": pl["splits"]}
+    if pl["ordered"]:
+        counters = _launch.empty(run, (pl["counters"],), "int32")
+        run.scratch[f"{prefix}_counters"] = counters
+        _launch.memset(run, counters)
+        fields["counters"] = ptr(counters)
+    return fields
+
+
 def backward_sm80(run: Run, splits: int | None = None, tile: Sm80BwdTile | None = None) -> None:
     """dq, dk, dv of ``run`` (views with the caller's strides) through the tensor-core kernels.
 
     ``splits`` (deterministic mode only) overrides the dq_accum split count and ``tile`` the tile (tests)."""
     pl = plan(run, splits, tile)
     tile, names = pl["tile"], pl["names"]
-    b, h, sq_pad = run.batch, run.nheads, pl["sq_pad"]
-    vec = _launch.empty(run, (2, b, h, sq_pad), "float32")
-    dq_accum = _launch.empty(run, (pl["splits"], b, h, sq_pad, tile.headdim_bucket), "float32")
-    run.scratch["bwd_sm80_vec"] = vec            # kept alive with the run (the launches are asynchronous)
-    run.scratch["bwd_sm80_dq_accum"] = dq_accum
-    _launch.memset(run, dq_accum)  # through the launch layer, so the fast path records and replays it
-    extra = {}
-    if pl["ordered"]:
-        counters = _launch.empty(run, (pl["counters"],), "int32")
-        run.scratch["bwd_sm80_counters"] = counters
-        _launch.memset(run, counters)
-        extra["counters"] = ptr(counters)
-    params = run.params(dsum=ptr(vec), dq_accum=ptr(dq_accum), num_splits=pl["splits"], **extra)
+    params = run.params(**scratch_fields(run, pl, "bwd_sm80"))
     launch(run, FILE, names["preprocess"], pl["grid_rows"], (ROW_THREADS,), params)
     launch(run, FILE, names["main"], pl["grid_main"], (THREADS,), params, tile.smem)
     launch(run, FILE, names["convert"], pl["grid_convert"], (ROW_THREADS,), params)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from . import _launch, _launch_bwd_sm80, _tma
 from ._launch_bwd_sm80 import (ORDERED_ONE_PLANE_MAX_BLOCKS, ordered_has_lower, ordered_pivot,  # noqa: F401
                                ordered_planes, ordered_turn, query_block_range)
-from ._launch import CTYPES, Run, launch, ptr
+from ._launch import CTYPES, Run, launch
 
 FILE = "bwd_sm90.cu"
 _DTYPES = ("float16", "bfloat16")
@@ -173,10 +173,9 @@ def plan(run: Run, splits: int | None = None, tile: Sm90BwdTile | None = None, m
         raise ValueError(f"cuflash: the sm90 backward takes no head dim {run.headdim}")
     b, h, hk, sq, sk = run.batch, run.nheads, run.nheads_k, run.seqlen_q, run.seqlen_k
     n_blocks = _cdiv(sk, tile.block_n)
-    # Deterministic mode: ordered (the default: one block per key block, dQ additions in key-block order
-    # through per-query-block counters) or, with ``splits`` given or a left window, the sm80 path's
-    # per-split dQ copies.
-    # Ordered needs every key block from 0 up to a query block's last to visit it: no left window.
+    # Deterministic mode: ordered (the default: one block per key block, dQ added in a fixed order through
+    # per-query-block counters, bwd_sm90.cu's header; it needs no left window) or, with ``splits`` given
+    # or a left window, the sm80 path's per-split dQ copies.
     ordered = bool(run.deterministic) and splits is None and run.window[0] < 0
     if run.deterministic and not ordered and splits is None:
         splits = _launch_bwd_sm80.deterministic_splits(b, h, hk, sq, sk, tile, _launch_bwd_sm80._num_sms(run.device_id))
@@ -207,21 +206,11 @@ def backward_sm90(run: Run, splits: int | None = None, tile: Sm90BwdTile | None 
     the MODE template argument (tests, benchmarks, debugging)."""
     pl = plan(run, splits, tile, mode_)
     tile, names = pl["tile"], pl["names"]
-    b, h, sq_pad = run.batch, run.nheads, pl["sq_pad"]
-    vec = _launch.empty(run, (2, b, h, sq_pad), "float32")
-    dq_accum = _launch.empty(run, (pl["splits"], b, h, sq_pad, tile.headdim_bucket), "float32")
-    run.scratch["bwd_sm90_vec"] = vec            # kept alive with the run (the launches are asynchronous)
-    run.scratch["bwd_sm90_dq_accum"] = dq_accum
-    _launch.memset(run, dq_accum)
-    extra = {}
+    fields = _launch_bwd_sm80.scratch_fields(run, pl, "bwd_sm90")
     if pl["ordered"]:
-        counters = _launch.empty(run, (pl["counters"],), "int32")
-        run.scratch["bwd_sm90_counters"] = counters
-        _launch.memset(run, counters)
-        extra["counters"] = ptr(counters)
         # bwd_sm90.cu kOrderedAcyclic: with two planes or no lower part every wait is on key block nb + 1
-        extra["flags"] = ORDERED_ACYCLIC if pl["splits"] == 2 or not pl["lower"] else 0
-    params = run.params(dsum=ptr(vec), dq_accum=ptr(dq_accum), num_splits=pl["splits"], **extra)
+        fields["flags"] = ORDERED_ACYCLIC if pl["splits"] == 2 or not pl["lower"] else 0
+    params = run.params(**fields)
     rows = (_launch_bwd_sm80.ROW_THREADS,)
     launch(run, _launch_bwd_sm80.FILE, names["preprocess"], pl["grid_rows"], rows, params)
     launch(run, FILE, names["main"], pl["grid_main"], (THREADS,), params, tile.smem, maps=_specs(run, tile))
