@@ -12,7 +12,7 @@ bucket D for every head dim this path takes)::
     bwd_sm80_dq_convert<T>            dq = scale * (sum of the dq_accum splits)
 
 ``supports(run)``: fp16 / bf16 on sm_90a (with or without dropout; not dropout with softcap or ALiBi at
-d64), head dims whose 32-rounding is a bucket here (33..64 and 97..128: the sm80 path's dq_accum row length is then the bucket), operands the copy engine can
+d64), head dims whose 32-rounding is a bucket here (33..64, 97..128 and 225..256, no dropout at 225..256: the sm80 path's dq_accum row length is then the bucket), operands the copy engine can
 address, and everything ``_launch_bwd_sm80.supports`` requires (the fallback). Other runs take the sm80
 path. ``CUFLASH_DISABLE_SM90=1`` or ``CUFLASH_DISABLE_SM90_BWD=1`` turns this path off;
 ``CUFLASH_BWD_SM90_MODE=<int>`` launches another variant (bwd_sm90.cu, MODE bits: 1 skips dQ, 2 skips
@@ -50,12 +50,19 @@ class Sm90BwdTile:
     threads = THREADS
 
     @property
+    def split_d(self) -> bool:
+        """kSplitD: the consumers split dK / dV by head-dim halves (d256; traits_bwd_sm90.cuh)."""
+        return self.headdim_bucket == 256
+
+    @property
     def smem(self) -> int:
         """Dynamic shared memory (kSmemBytes): 1024 alignment slack, K, V, the Q and dO slots, two dS^T
-        buffers, L and D per slot, and with dropout the keep bits per slot (BN x BM bits)."""
+        buffers (split_d: and two P^T buffers), L and D per slot, and with dropout the keep bits per slot
+        (BN x BM bits)."""
         d, bm, bn, st = self.headdim_bucket, self.block_m, self.block_n, self.stages
         keep = bn * bm // 8 if self.dropout else 0
-        return 1024 + 2 * bn * d * 2 + 2 * st * bm * d * 2 + 2 * bn * bm * 2 + st * 2 * bm * 4 + st * keep
+        staged = (4 if self.split_d else 2) * bn * bm * 2
+        return 1024 + 2 * bn * d * 2 + 2 * st * bm * d * 2 + staged + st * 2 * bm * 4 + st * keep
 
     @property
     def flops_per_step(self) -> int:
@@ -65,11 +72,15 @@ class Sm90BwdTile:
 
 # One tile per bucket (FlashAttention-3's block shapes): d64 steps over 128 query rows (dQ split by rows
 # between the two consumers), d128 over 64 (dQ split by 64-column halves). Registers per consumer thread:
-# dK + dV D, S^T + dP^T BM (192 at both). d > 128 does not fit (dK + dV alone 192 at d192): sm80 path.
+# dK + dV D, S^T + dP^T BM (192 at both). d256 takes 64 keys per block and splits dK / dV between the
+# consumers by head-dim halves (dK + dV 128, S^T + dP^T 32, dQ 64; P^T and dS^T staged in shared
+# memory); no dropout variant (the sm80 path takes those runs). d160 / d192 / d224: sm80 path.
 TILES = {
     64: Sm90BwdTile(64, 128),    # 161 KB
     128: Sm90BwdTile(128, 64),   # 161 KB
+    256: Sm90BwdTile(256, 64, block_n=64),  # 226 KB
 }
+DROPOUT_BUCKETS = (64, 128)  # buckets with a DROPOUT variant
 HEADDIM_BUCKETS = tuple(sorted(TILES))
 
 
@@ -82,7 +93,9 @@ def tile_for(headdim: int, dropout: bool = False) -> Sm90BwdTile | None:
     """The tile of a head dim (its dropout variant with ``dropout``), None where this path does not take
     it (dq_accum's row is headdim rounded up to 32, which must be the bucket)."""
     t = TILES.get(-(-headdim // 32) * 32)
-    return replace(t, dropout=True) if t is not None and dropout else t
+    if t is not None and dropout:
+        return replace(t, dropout=True) if t.headdim_bucket in DROPOUT_BUCKETS else None
+    return t
 
 
 def mode() -> int:
@@ -113,8 +126,13 @@ def variants(arch: str | None = None) -> list[tuple[str, str]]:
     if arch is not None and arch != "sm_90a":
         return []
     # MODE 0: the default; MODE_ORDERED: the ordered deterministic mode; each without and with dropout
-    tiles = [t for t0 in TILES.values() for t in (t0, replace(t0, dropout=True))]
-    return [(FILE, kernel_name(dt, t, m)) for dt in _DTYPES for t in tiles for m in modes(t)]
+    return [(FILE, kernel_name(dt, t, m)) for dt in _DTYPES for t in all_tiles() for m in modes(t)]
+
+
+def all_tiles() -> list[Sm90BwdTile]:
+    """Every compiled tile: each bucket's, and its dropout variant where it has one."""
+    return [t for t0 in TILES.values()
+            for t in ((t0, replace(t0, dropout=True)) if t0.headdim_bucket in DROPOUT_BUCKETS else (t0,))]
 
 
 def modes(tile: Sm90BwdTile) -> tuple[int, ...]:
@@ -157,8 +175,8 @@ def supports(run: Run) -> bool:
 
 def _mode_bits(tile: Sm90BwdTile, mode_: int | None, ordered: bool) -> int:
     m = mode() if mode_ is None else mode_
-    if tile.dropout:
-        m &= ~MODE_OVERLAP  # the dropout variants take the serial schedule only
+    if tile.dropout or tile.split_d:
+        m &= ~MODE_OVERLAP  # the dropout and d256 variants take the serial schedule only
     return (m & ~MODE_ORDERED) | (MODE_ORDERED if ordered else 0)
 
 
@@ -220,7 +238,7 @@ def backward_sm90(run: Run, splits: int | None = None, tile: Sm90BwdTile | None 
 def expected_traits_checks() -> list[str]:
     """static_asserts tying the host table to the kernel traits (compiled by the CPU test)."""
     out = []
-    for t in [t for t0 in TILES.values() for t in (t0, replace(t0, dropout=True))]:
+    for t in all_tiles():
         drop = ", true" if t.dropout else ""
         tr = f"cuflash::Sm90BwdTraits<{t.headdim_bucket}, {t.block_m}, {t.stages}{drop}>"
         out.append(f"static_assert({tr}::kSmemBytes == {t.smem}, \"smem {t.headdim_bucket}\");")

@@ -106,9 +106,16 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     using Tr = Sm90BwdTraits<D, BM, STAGES, DROPOUT>;
     static_assert(!(DROPOUT && (MODE & kModeOverlap)), "dropout takes the serial schedule");
     constexpr int BN = Tr::kBN;
-    constexpr int kNT = BM / 8;    // n8 tiles of the S^T / dP^T fragments (queries)
+    // kSplitD (D = 256): the consumers split dK / dV by head-dim halves and S^T / dP^T by query halves
+    // (traits_bwd_sm90.cuh); else by keys.
+    constexpr bool kSplitD = Tr::kSplitD;
+    constexpr int kQC = Tr::kQPerConsumer;  // query columns of this consumer's S^T / dP^T
+    constexpr int kDC = Tr::kDPerConsumer;  // dK / dV columns of this consumer
+    static_assert(!(kSplitD && (MODE & kModeOverlap)), "d256 takes the serial schedule");
+    constexpr int kNT = kQC / 8;   // n8 tiles of the S^T / dP^T fragments (queries)
     constexpr int kKSD = D / 16;   // k-steps over the head dim (S^T, dP^T)
     constexpr int kKSM = BM / 16;  // k-steps over the queries (dV, dK)
+    constexpr int kKSP = kQC / 16; // 16-bit A fragments of P^T / dS^T held in registers (not kSplitD)
     constexpr int kKSN = BN / 16;  // k-steps over the keys (dQ)
     constexpr int kNQ = Tr::kNQ;
     extern __shared__ __align__(1024) unsigned char smem[];
@@ -127,7 +134,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     require_dynamic_smem(Tr::kSmemBytes);  // (the window is aligned up to 1024 bytes below)
     const u32 s0 = (smem_addr(smem) + 1023u) & ~1023u;
     const u32 sK = s0 + Tr::kOffK, sV = s0 + Tr::kOffV, sQ = s0 + Tr::kOffQ, sdO = s0 + Tr::kOffdO;
-    const u32 sdS = s0 + Tr::kOffdS, sVec = s0 + Tr::kOffVec, sKeep = s0 + Tr::kOffKeep;
+    const u32 sdS = s0 + Tr::kOffdS, sP = s0 + Tr::kOffP, sVec = s0 + Tr::kOffVec, sKeep = s0 + Tr::kOffKeep;
     const u32 bar0 = smem_addr(bars);
     const u32 kv_full = bar0, kv_empty = bar0 + 8u;
     auto q_full = [&](int s) { return bar0 + 8u * (2 + s); };
@@ -360,7 +367,9 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     // Problem scalars, derived after the register change (nothing stays live across it).
     const int tid = sreg_tid(), lane = tid & 31;
     const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
-    const int cw = (warp >> 2) - 1;                    // consumer: keys 64 cw .. 64 cw + 63 of the block
+    const int cw = (warp >> 2) - 1;  // consumer: keys 64 cw .. 64 cw + 63 of the block (kSplitD: all 64 keys,
+                                     // queries kQC cw .. + kQC - 1, dK / dV columns kDC cw .. + kDC - 1)
+    const int qc0 = kSplitD ? kQC * cw : 0;            // first query column of this consumer's S^T
     const int wrow = 16 * (warp & 3) + (lane >> 2);    // fragment row (half 0) within the 64
     const int tq = lane & 3;                           // fragment column pair
     const int sq = p.seqlen_q, sk = p.seqlen_k;
@@ -381,7 +390,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     int kbl = 0;  // key blocks consumed so far
     for (int nb = first_kb(); nb * BN < sk; nb += sreg_nctaid_x()) {
         const int n0 = nb * BN;
-        const int kw0 = n0 + 64 * cw;  // first key of this consumer
+        const int kw0 = n0 + (kSplitD ? 0 : 64 * cw);  // first key of this consumer
         const int3 cta = sreg_ctaid();
         const int hk = cta.y, b = cta.z;
         int m_first, n_m;
@@ -396,9 +405,9 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
         };
         const int pivot = pivot_of(nb, sq, sk, wr, m_first);  // the walk's first query block
 
-        float dv[D / 2], dk[D / 2];
+        float dv[kDC / 2], dk[kDC / 2];
 #pragma unroll
-        for (int i = 0; i < D / 2; ++i) {
+        for (int i = 0; i < kDC / 2; ++i) {
             dv[i] = 0.f;
             dk[i] = 0.f;
         }
@@ -418,57 +427,57 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                 mbar_wait(q_full(s), (g / STAGES) & 1);
 
                 // ---- S^T = K_w Q^T, dP^T = V_w dO^T (64 keys x BM queries) ----------------------------
-                float sacc[BM / 2], dpacc[BM / 2];
+                float sacc[kQC / 2], dpacc[kQC / 2];
                 wgmma_fence();
 #pragma unroll
                 for (int ks = 0; ks < kKSD; ++ks) {
-                    const u32 off = (ks >> 2) * (BN * 128) + 64 * cw * 128 + (ks & 3) * 32;
-                    const u32 boff = (ks >> 2) * (BM * 128) + (ks & 3) * 32;
-                    Wgmma<T, BM>::ss(sacc, smem_desc_sw128(sK + off, 16, 1024), smem_desc_sw128(sQs + boff, 16, 1024),
+                    const u32 off = (ks >> 2) * (BN * 128) + (kw0 - n0) * 128 + (ks & 3) * 32;
+                    const u32 boff = (ks >> 2) * (BM * 128) + qc0 * 128 + (ks & 3) * 32;
+                    Wgmma<T, kQC>::ss(sacc, smem_desc_sw128(sK + off, 16, 1024), smem_desc_sw128(sQs + boff, 16, 1024),
                                      ks > 0);
                 }
                 wgmma_commit();  // S^T: one group, dP^T the next
 #pragma unroll
                 for (int ks = 0; ks < kKSD; ++ks) {
-                    const u32 off = (ks >> 2) * (BN * 128) + 64 * cw * 128 + (ks & 3) * 32;
-                    const u32 boff = (ks >> 2) * (BM * 128) + (ks & 3) * 32;
-                    Wgmma<T, BM>::ss(dpacc, smem_desc_sw128(sV + off, 16, 1024),
+                    const u32 off = (ks >> 2) * (BN * 128) + (kw0 - n0) * 128 + (ks & 3) * 32;
+                    const u32 boff = (ks >> 2) * (BM * 128) + qc0 * 128 + (ks & 3) * 32;
+                    Wgmma<T, kQC>::ss(dpacc, smem_desc_sw128(sV + off, 16, 1024),
                                      smem_desc_sw128(sdOs + boff, 16, 1024), ks > 0);
                 }
                 wgmma_commit();
 
                 // ---- P^T and dS^T in place (sacc <- P, dpacc <- dS) -----------------------------------
-                // Element 4 nt + 2 hh + e: key kw0 + wrow + 8 hh, query m0 + 8 nt + 2 tq + e.
+                // Element 4 nt + 2 hh + e: key kw0 + wrow + 8 hh, query m0 + qc0 + 8 nt + 2 tq + e.
                 // Masking only where the consumer's keys cross seqlen_k or a causal / window edge of the
                 // block's rows (rows past seqlen_q need none: their L is +inf).
                 const int right_lim = wr < 0 ? sk - 1 : min(sk - 1, m0 + shift + wr);
                 const bool need_mask = kw0 + 63 > right_lim || (wl >= 0 && kw0 < m0 + BM - 1 + shift - wl);
                 auto keep = [&](int nt, int hh, int e) {
-                    const int ipos = m0 + 8 * nt + 2 * tq + e + shift;
+                    const int ipos = m0 + qc0 + 8 * nt + 2 * tq + e + shift;
                     const int j = kw0 + wrow + 8 * hh;
                     return (wl < 0 || j >= ipos - wl) && j <= (wr < 0 ? sk - 1 : min(sk - 1, ipos + wr));
                 };
-                u32 pa[kKSM][4], da[kKSM][4];  // 16-bit A fragments of P^T and dS^T
+                u32 pa[kKSP][4], da[kKSP][4];  // 16-bit A fragments of P^T and dS^T
                 // The C fragment of two adjacent n8 tiles is the A fragment of one k16 step.
-                auto pack = [&](const float (&acc)[BM / 2], u32 (&frag)[kKSM][4]) {
+                auto pack = [&](const float (&acc)[kQC / 2], u32 (&frag)[kKSP][4]) {
 #pragma unroll
-                    for (int ks = 0; ks < kKSM; ++ks)
+                    for (int ks = 0; ks < kKSP; ++ks)
 #pragma unroll
                         for (int j = 0; j < 4; ++j) frag[ks][j] = pack2<T>(acc[8 * ks + 2 * j], acc[8 * ks + 2 * j + 1]);
                 };
                 auto issue_dv = [&]() {  // dV += P^T dO (64 keys x D, k = BM)
                     if (!(MODE & kModeNoDKV)) {
 #pragma unroll
-                        for (int ks = 0; ks < kKSM; ++ks)
-                            Wgmma<T, D>::rs_nmajor_b(dv, pa[ks][0], pa[ks][1], pa[ks][2], pa[ks][3],
+                        for (int ks = 0; ks < kKSP; ++ks)
+                            Wgmma<T, kDC>::rs_nmajor_b(dv, pa[ks][0], pa[ks][1], pa[ks][2], pa[ks][3],
                                                      smem_desc_sw128(sdOs + ks * 2048, BM * 128, 1024), 1);
                     }
                 };
                 auto issue_dk = [&]() {  // dK += dS^T Q
                     if (!(MODE & kModeNoDKV)) {
 #pragma unroll
-                        for (int ks = 0; ks < kKSM; ++ks)
-                            Wgmma<T, D>::rs_nmajor_b(dk, da[ks][0], da[ks][1], da[ks][2], da[ks][3],
+                        for (int ks = 0; ks < kKSP; ++ks)
+                            Wgmma<T, kDC>::rs_nmajor_b(dk, da[ks][0], da[ks][1], da[ks][2], da[ks][3],
                                                      smem_desc_sw128(sQs + ks * 2048, BM * 128, 1024), 1);
                     }
                 };
@@ -476,13 +485,13 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     // Overlapped: P = exp2(..) as soon as S^T is done (dP^T may still run), dV issued;
                     // dS once dP^T is done (dV may still run), dK issued.
                     wgmma_wait<1>();
-                    fence_regs<BM / 2>(sacc);
+                    fence_regs<kQC / 2>(sacc);
                     auto probs = [&](auto masked) {
                         constexpr bool M = decltype(masked)::value;
                         const float sl2 = p.scale_log2;
 #pragma unroll
                         for (int nt = 0; nt < kNT; ++nt) {
-                            const float2 l2 = lds_f32x2(vec + 4 * (8 * nt + 2 * tq));
+                            const float2 l2 = lds_f32x2(vec + 4 * (qc0 + 8 * nt + 2 * tq));
 #pragma unroll
                             for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
@@ -501,10 +510,10 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     issue_dv();
                     wgmma_commit();
                     wgmma_wait<1>();  // dP^T (older than dV) is done
-                    fence_regs<BM / 2>(dpacc);
+                    fence_regs<kQC / 2>(dpacc);
 #pragma unroll
                     for (int nt = 0; nt < kNT; ++nt) {
-                        const float2 d2 = lds_f32x2(vec + 4 * BM + 4 * (8 * nt + 2 * tq));
+                        const float2 d2 = lds_f32x2(vec + 4 * BM + 4 * (qc0 + 8 * nt + 2 * tq));
 #pragma unroll
                         for (int hh = 0; hh < 2; ++hh) {
                             {
@@ -524,8 +533,8 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     wgmma_commit();
                 } else {
                     wgmma_wait<0>();
-                    fence_regs<BM / 2>(sacc);
-                    fence_regs<BM / 2>(dpacc);
+                    fence_regs<kQC / 2>(sacc);
+                    fence_regs<kQC / 2>(dpacc);
                     // Dropout (Z: keep mask, r = 1 / (1 - p)): dS = P (Z r dP - D), dV += P Z dO (r applied in
                     // the epilogue). Z r folds into dP before the softmax loop (unchanged, so that its
                     // register budget is that of p = 0) and Z into the 16-bit P operand after it. The keep
@@ -545,7 +554,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                         keep_words(w);
                         const float r = p.dropout_scale;
 #pragma unroll
-                        for (int x = 0; x < BM / 2; ++x) dpacc[x] = (w[x >> 5] >> (x & 31)) & 1u ? dpacc[x] * r : 0.f;
+                        for (int x = 0; x < kQC / 2; ++x) dpacc[x] = (w[x >> 5] >> (x & 31)) & 1u ? dpacc[x] * r : 0.f;
                     }
                     if (!transform) {
                         auto plain = [&](auto masked) {
@@ -553,8 +562,8 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                             const float sl2 = p.scale_log2;
 #pragma unroll
                             for (int nt = 0; nt < kNT; ++nt) {
-                                const float2 l2 = lds_f32x2(vec + 4 * (8 * nt + 2 * tq));
-                                const float2 d2 = lds_f32x2(vec + 4 * BM + 4 * (8 * nt + 2 * tq));
+                                const float2 l2 = lds_f32x2(vec + 4 * (qc0 + 8 * nt + 2 * tq));
+                                const float2 d2 = lds_f32x2(vec + 4 * BM + 4 * (qc0 + 8 * nt + 2 * tq));
 #pragma unroll
                                 for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
@@ -579,8 +588,8 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                             p.alibi == nullptr ? 0.f : p.alibi[(i64)b * p.alibi_batch_stride + h] * CUFLASH_LOG2E;
 #pragma unroll
                         for (int nt = 0; nt < kNT; ++nt) {
-                            const float2 l2 = lds_f32x2(vec + 4 * (8 * nt + 2 * tq));
-                            const float2 d2 = lds_f32x2(vec + 4 * BM + 4 * (8 * nt + 2 * tq));
+                            const float2 l2 = lds_f32x2(vec + 4 * (qc0 + 8 * nt + 2 * tq));
+                            const float2 d2 = lds_f32x2(vec + 4 * BM + 4 * (qc0 + 8 * nt + 2 * tq));
 #pragma unroll
                             for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
@@ -595,7 +604,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                                         sc = raw * p.scale_log2;
                                     }
                                     // |i + shift - j|
-                                    const int rel = m0 + 8 * nt + 2 * tq + e + shift - (kw0 + wrow + 8 * hh);
+                                    const int rel = m0 + qc0 + 8 * nt + 2 * tq + e + shift - (kw0 + wrow + 8 * hh);
                                     sc = fmaf(-slope2, fabsf((float)rel), sc);
                                     const float pr = ex2(keep(nt, hh, e) ? sc - (e ? l2.y : l2.x) : -INFINITY);
                                     sacc[x] = pr;
@@ -603,13 +612,43 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                                 }
                         }
                     }
+                    if constexpr (kSplitD) {
+                        // P^T and dS^T -> shared memory: this consumer's query columns of the step's buffers
+                        // (row = key wrow + 8 hh, 16-byte unit qc0 / 8 + nt, 128-byte swizzle); once both
+                        // consumers' halves are there, dV += P^T dO and dK += dS^T Q on this consumer's
+                        // kDC columns, A K-major from the buffers
+                        const u32 dsb = sdS + (g & 1) * Tr::kDSBytes, pb = sP + (g & 1) * Tr::kDSBytes;
+#pragma unroll
+                        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                            for (int hh = 0; hh < 2; ++hh) {
+                                const u32 o = (wrow + 8 * hh) * 128 + ((((qc0 >> 3) + nt) ^ (lane >> 2)) << 4) + 4 * tq;
+                                sm80::sts_u32(pb + o, pack2<T>(sacc[4 * nt + 2 * hh], sacc[4 * nt + 2 * hh + 1]));
+                                sm80::sts_u32(dsb + o, pack2<T>(dpacc[4 * nt + 2 * hh], dpacc[4 * nt + 2 * hh + 1]));
+                            }
+                        fence_proxy_async();
+                        named_bar_sync(kBarDS, 256);
+                        if (!(MODE & kModeNoDKV)) {
+                            const u32 half = cw * (kDC / 64) * (BM * 128);  // this consumer's 64-column blocks
+                            wgmma_fence();
+#pragma unroll
+                            for (int ks = 0; ks < kKSM; ++ks)
+                                Wgmma<T, kDC>::ss_nmajor_b(dv, smem_desc_sw128(pb + ks * 32, 16, 1024),
+                                                           smem_desc_sw128(sdOs + half + ks * 2048, BM * 128, 1024), 1);
+#pragma unroll
+                            for (int ks = 0; ks < kKSM; ++ks)
+                                Wgmma<T, kDC>::ss_nmajor_b(dk, smem_desc_sw128(dsb + ks * 32, 16, 1024),
+                                                           smem_desc_sw128(sQs + half + ks * 2048, BM * 128, 1024), 1);
+                            wgmma_commit();
+                        }
+                    } else {
                     pack(sacc, pa);
                     pack(dpacc, da);
                     if constexpr (DROPOUT) {  // dV's operand P Z: the dropped halves of the pairs zeroed
                         u32 w[Tr::kKeepWords];
                         keep_words(w);
 #pragma unroll
-                        for (int ks = 0; ks < kKSM; ++ks)
+                        for (int ks = 0; ks < kKSP; ++ks)
 #pragma unroll
                             for (int j = 0; j < 4; ++j) {  // the pair x, x + 1 (x = 8 ks + 2 j, even)
                                 const int x = 8 * ks + 2 * j;
@@ -621,14 +660,17 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     issue_dv();
                     issue_dk();
                     wgmma_commit();
+                    }
                 }
 
                 float dq[kNQ / 2];
                 if (!(MODE & kModeNoDQ)) {
                     // ---- dS^T -> shared memory: row = key (64 cw + wrow + 8 hh), 64-query blocks ------------
+                    // (kSplitD: stored above, before dK)
                     const u32 dsb = sdS + (g & 1) * Tr::kDSBytes;
+                    if constexpr (!kSplitD) {
 #pragma unroll
-                    for (int ks = 0; ks < kKSM; ++ks)
+                    for (int ks = 0; ks < kKSP; ++ks)
 #pragma unroll
                         for (int j = 0; j < 4; ++j) {
                             const int nt = 2 * ks + (j >> 1), hh = j & 1;
@@ -638,9 +680,10 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                         }
                     fence_proxy_async();
                     named_bar_sync(kBarDS, 256);
+                    }
                     // ---- dQ = dS K (64 query rows x kNQ columns of this consumer, k = BN keys) ------------
                     const u32 abase = dsb + (Tr::kDQByRows ? cw * (BN * 128) : 0);
-                    const u32 bbase = sK + (Tr::kDQByRows ? 0 : cw * (BN * 128));
+                    const u32 bbase = sK + (Tr::kDQByRows ? 0 : cw * (kNQ / 64) * (BN * 128));
                     wgmma_fence();
 #pragma unroll
                     for (int ks = 0; ks < kKSN; ++ks)
@@ -649,10 +692,12 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     wgmma_commit();
                 }
                 wgmma_wait<0>();
-                fence_regs<D / 2>(dv);
-                fence_regs<D / 2>(dk);
-                fence_regs<kKSM * 4>(&pa[0][0]);
-                fence_regs<kKSM * 4>(&da[0][0]);
+                fence_regs<kDC / 2>(dv);
+                fence_regs<kDC / 2>(dk);
+                if constexpr (!kSplitD) {
+                    fence_regs<kKSP * 4>(&pa[0][0]);
+                    fence_regs<kKSP * 4>(&da[0][0]);
+                }
                 if (!(MODE & kModeNoDQ)) fence_regs<kNQ / 2>(dq);
                 release(q_empty(s));
 
@@ -680,7 +725,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     const int row = m0 + (Tr::kDQByRows ? 64 * cw : 0) + 16 * (warp & 3) + ((ft & 31) >> 2) + (odd ? 8 : 0);
                     float* dst = p.dq_accum + (ordered ? part * (i64)p.batch * p.nheads * sq_pad * D
                                                        : p.num_splits > 1 ? (i64)sreg_ctaid_x() * p.batch * p.nheads * sq_pad * D : (i64)0)
-                               + (((i64)b * p.nheads + h) * sq_pad + row) * D + (Tr::kDQByRows ? 0 : 64 * cw) + 4 * ((ft & 3) >> 1);
+                               + (((i64)b * p.nheads + h) * sq_pad + row) * D + (Tr::kDQByRows ? 0 : kNQ * cw) + 4 * ((ft & 3) >> 1);
 #pragma unroll
                     for (int nt = 0; nt < kNQ / 8; ++nt) {
                         const float x0 = odd ? dq[4 * nt + 0] : dq[4 * nt + 2];
@@ -714,8 +759,8 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     T* dkr = (T*)p.dk + (i64)b * p.dk_batch_stride + (i64)hk * p.dk_head_stride + (i64)j * p.dk_row_stride;
                     T* dvr = (T*)p.dv + (i64)b * p.dv_batch_stride + (i64)hk * p.dv_head_stride + (i64)j * p.dv_row_stride;
 #pragma unroll
-                    for (int nt = 0; nt < D / 8; ++nt) {
-                        const int col = 8 * nt + 2 * tq;
+                    for (int nt = 0; nt < kDC / 8; ++nt) {
+                        const int col = (kSplitD ? kDC * cw : 0) + 8 * nt + 2 * tq;
                         if (col < hd) {  // head dims are multiples of 8 here: the pair is whole
                             stg_u32(dkr + col, pack2<T>(dk[4 * nt + 2 * hh] * sc, dk[4 * nt + 2 * hh + 1] * sc));
                             stg_u32(dvr + col, pack2<T>(dv[4 * nt + 2 * hh] * dvs, dv[4 * nt + 2 * hh + 1] * dvs));

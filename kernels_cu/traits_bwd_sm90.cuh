@@ -16,7 +16,14 @@
 //
 // dQ = dS K (BM x D, k = BN) is split between the two consumers: by rows when BM = 128 (each 64 query
 // rows, all D columns), by columns when BM = 64 (each D / 2 columns, which must be whole 64-column
-// blocks: D = 128).
+// blocks: D = 128 or 256).
+//
+// D = 256 (kSplitD): dK + dV of 64 keys x 256 columns would take 256 registers per consumer thread, so
+// the block owns BN = 64 keys and the consumers split the head dim instead of the keys: consumer w holds
+// dK, dV columns 128 w .. 128 w + 127 of all 64 keys, computes S^T / dP^T for all 64 keys and query
+// columns BM / 2 w .. + BM / 2 - 1, and both consumers' P^T and dS^T meet in shared memory (P^T in
+// 2 more buffers of the dS^T layout), from where dV += P^T dO and dK += dS^T Q read them (wgmma ss,
+// A K-major).
 #pragma once
 #include "types.cuh"
 
@@ -26,7 +33,11 @@ template <int D_, int BM_, int STAGES_, bool DROPOUT_ = false>
 struct Sm90BwdTraits {
     static constexpr int kD = D_;
     static constexpr int kBM = BM_;
-    static constexpr int kBN = 128;
+    static constexpr bool kSplitD = D_ == 256;        // consumers split the head dim (see above)
+    static constexpr int kBN = kSplitD ? 64 : 128;
+    static constexpr int kKeysPerConsumer = kSplitD ? kBN : 64;
+    static constexpr int kDPerConsumer = kSplitD ? D_ / 2 : D_;  // dK / dV columns of one consumer
+    static constexpr int kQPerConsumer = kSplitD ? BM_ / 2 : BM_;  // S^T / dP^T query columns
     static constexpr int kStages = STAGES_;
     static constexpr int kThreads = 384;
     // setmaxnreg: the producer keeps 24 registers, the two consumers 240 each; with dropout the producer's
@@ -46,7 +57,8 @@ struct Sm90BwdTraits {
     static constexpr int kOffQ = kOffV + kKBytes;
     static constexpr int kOffdO = kOffQ + kStages * kQBytes;
     static constexpr int kOffdS = kOffdO + kStages * kQBytes;
-    static constexpr int kOffVec = kOffdS + 2 * kDSBytes;
+    static constexpr int kOffP = kOffdS + 2 * kDSBytes;   // kSplitD: 2 P^T buffers (dS^T layout)
+    static constexpr int kOffVec = kOffP + (kSplitD ? 2 * kDSBytes : 0);
     // Keep bits: kKeepWords 32-bit words per consumer thread (bit x: its score element x), consecutive.
     static constexpr int kKeepWords = kBM / 64;
     static constexpr int kKeepBytes = kDropout ? 256 * kKeepWords * 4 : 0;
@@ -56,9 +68,10 @@ struct Sm90BwdTraits {
     // kv_full, kv_empty, q_full[STAGES], q_empty[STAGES], (dropout) keep_full[STAGES]
     static constexpr int kBars = 2 + 2 * kStages + (kDropout ? kStages : 0);
     // fp32 accumulators per consumer thread: dK, dV live through the loop; S^T, dP^T per step.
-    static constexpr int kAccRegs = 2 * (kD / 2) + 2 * (kBM / 2);
+    static constexpr int kAccRegs = 2 * (kDPerConsumer / 2) + 2 * (kQPerConsumer / 2);
 
-    static_assert(kD == 64 || kD == 128, "head-dim bucket 64 or 128");
+    static_assert(kD == 64 || kD == 128 || kD == 256, "head-dim bucket 64, 128 or 256");
+    static_assert(!kSplitD || (kBM == 64 && !kDropout), "d256: BM 64, no dropout variant");
     static_assert(kBM == 64 || kBM == 128, "query block 64 or 128");
     static_assert(kDQByRows || kD % 128 == 0, "dQ split by columns needs whole 64-column blocks per consumer");
     static_assert(kStages >= 2, "at least two slots");

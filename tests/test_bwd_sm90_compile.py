@@ -34,14 +34,18 @@ SMEM_LIMIT = 227 * 1024
 def test_variants_only_for_sm90a():
     assert L.variants("sm_80") == [] and L.variants("sm_86") == [] and L.variants("sm_100") == []
     v = L.variants("sm_90a")
-    # fp16 / bf16 x d64 / d128 x (MODE 0, the ordered deterministic mode's MODE_ORDERED) x (without, with
-    # dropout)
-    assert len(v) == len(set(v)) == 2 * 2 * sum(len(L.modes(t)) for t in L.TILES.values()) == 16
+    # fp16 / bf16 x (MODE 0, the ordered deterministic mode's MODE_ORDERED) x (d64 / d128 without and with
+    # dropout, d256 without)
+    assert len(v) == len(set(v)) == 2 * sum(len(L.modes(t)) for t in L.all_tiles()) == 20
     assert sum(n.endswith(", true>") for _, n in v) == 8
     assert {f for f, _ in v} == {"bwd_sm90.cu"}
     for t in L.TILES.values():
-        for tt in (t, L.tile_for(t.headdim_bucket, dropout=True)):
-            assert tt.smem + 4096 <= SMEM_LIMIT  # + the static block (barriers; with dropout the RNG state)
+        # + the static block (barriers: 1024 bytes as ptxas lays it out; with dropout the RNG state)
+        assert t.smem + 1024 <= SMEM_LIMIT
+        if t.headdim_bucket not in L.DROPOUT_BUCKETS:
+            assert L.tile_for(t.headdim_bucket, dropout=True) is None
+            continue
+        assert L.tile_for(t.headdim_bucket, dropout=True).smem + 4096 <= SMEM_LIMIT
         # the dropout variant adds one keep bit per (key, query) of a step to each slot
         assert L.tile_for(t.headdim_bucket, True).smem - t.smem == t.stages * t.block_n * t.block_m // 8
     from cuflash._precompile import all_variants
@@ -58,7 +62,9 @@ def test_variants_only_for_sm90a():
 
 @requires_nvrtc
 def test_every_variant_compiles_without_spills_or_serialised_wgmma():
-    extra = [(L.FILE, L.kernel_name("bfloat16", t, m)) for t in L.TILES.values() for m in (1, 2, 3, 4)]
+    # (the overlapped schedule, MODE 4, has no d256 variant: a static_assert)
+    extra = [(L.FILE, L.kernel_name("bfloat16", t, m)) for t in L.TILES.values() for m in (1, 2, 3, 4)
+             if not (m & 4 and t.split_d)]
     res = compile_variants(lambda arch: L.variants(arch) + extra, ("sm_90a",))
     assert len(res) == len(L.variants("sm_90a")) + len(extra)
     for (arch, f, n), (r, _path) in res.items():
@@ -93,14 +99,16 @@ def test_tile_for_head_dims():
     for hd in range(1, 257):
         t = L.tile_for(hd)
         r32 = -(-hd // 32) * 32
-        if r32 in (64, 128):
+        if r32 in (64, 128, 256):
             assert t is not None and t.headdim_bucket == r32
         else:
             assert t is None, hd
-    assert L.TILES[64].block_m == 128 and L.TILES[128].block_m == 64
+    assert L.TILES[64].block_m == 128 and L.TILES[128].block_m == 64 and L.TILES[256].block_m == 64
+    assert [t.block_n for t in L.TILES.values()] == [128, 128, 64] and L.TILES[256].split_d
     for d in (64, 128):
         t = L.tile_for(d, dropout=True)
         assert t.dropout and t.block_m == L.TILES[d].block_m and not L.TILES[d].dropout
+    assert L.tile_for(256, dropout=True) is None and L.tile_for(230, dropout=True) is None  # sm80 path
 
 
 def test_plan_grids_and_names():
@@ -132,8 +140,9 @@ def test_supports_rejects_without_gpu_arrays():
     # wrong arch / dtype / dropout / head dims: rejected before any array is inspected
     assert not L.supports(_launch.Run(**{**_run().__dict__, "arch": "sm_80"}))
     assert not L.supports(_launch.Run(**{**_run().__dict__, "dtype": "float32"}))
-    for d in (32, 96, 160, 256):
+    for d in (32, 96, 160, 192):
         assert not L.supports(_run(d=d)), d
+    assert not L.supports(_launch.Run(**{**_run(d=256).__dict__, "dropout_p": 0.1}))
 
 
 # ==== block model ========================================================================================

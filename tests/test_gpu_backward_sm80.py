@@ -391,8 +391,8 @@ def test_sm80_not_taken_for_unsupported_runs():
 
 def test_dispatcher_picks_sm80(caplog):
     """The real dispatcher (no pinning) takes this path for fp16 / bf16 and says so in its debug log (head dim
-    256: on compute capability 9.0, d64 / d128 take the Hopper backward, tests/test_gpu_backward_sm90.py)."""
-    q, k, v, do, _ = _inputs(26, "bfloat16", 1, 64, 80, 2, 2, 256)
+    192: on compute capability 9.0, d64 / d128 / d256 take the Hopper backward, tests/test_gpu_backward_sm90.py)."""
+    q, k, v, do, _ = _inputs(26, "bfloat16", 1, 64, 80, 2, 2, 192)
     qd, kd, vd, dod = (_dev(x, "bfloat16", "contig") for x in (q, k, v, do))
     out, lse = cuflash.attention(qd, kd, vd, return_lse=True)
     with caplog.at_level(logging.DEBUG, logger="cuflash"):

@@ -103,7 +103,9 @@ def run_case(pin, dtype, b, sq, sk, h, hk, d, *, seed=0, causal=False, window=(-
 
 # ---- the simplest shapes first (a broken kernel fails here) ------------------------------------------------
 
-@pytest.mark.parametrize("headdim", [64, 128])
+HEADDIMS = [64, 128, 256]  # the buckets (d256: 64-key blocks, dK / dV split by head-dim halves)
+
+@pytest.mark.parametrize("headdim", HEADDIMS)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_sm90_bwd_basic(sm90, dtype, headdim):
     # one key block, one / two query blocks, no masking at all
@@ -115,14 +117,14 @@ SEQLENS = [(1, 1), (77, 300), (300, 77), (128, 128), (257, 520)]
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("seqlens", SEQLENS, ids=[f"{a}x{b}" for a, b in SEQLENS])
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim", HEADDIMS)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_sm90_bwd_matches_reference(sm90, dtype, headdim, seqlens, causal):
     sq, sk = seqlens
     run_case(sm90, dtype, 2, sq, sk, 2, 2, headdim, seed=headdim + sq + sk, causal=causal)
 
 
-@pytest.mark.parametrize("headdim", [40, 56, 104, 120])
+@pytest.mark.parametrize("headdim", [40, 56, 104, 120, 232, 248])
 def test_sm90_bwd_padded_headdims(sm90, headdim):
     # head dims below the bucket: TMA zero-fills the columns, the epilogue clips them
     run_case(sm90, "bfloat16", 2, 113, 203, 2, 2, headdim, seed=headdim, causal=True)
@@ -130,7 +132,7 @@ def test_sm90_bwd_padded_headdims(sm90, headdim):
 
 # ---- options -------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim", HEADDIMS)
 @pytest.mark.parametrize("window", [(17, 5), (17, -1), (-1, 5), (0, 0)], ids=["17-5", "left17", "right5", "diag"])
 def test_sm90_bwd_window(sm90, headdim, window):
     run_case(sm90, "float16", 1, 239, 300, 2, 2, headdim, seed=11, window=window)
@@ -146,18 +148,19 @@ def test_sm90_bwd_long_window(sm90):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("alibi", ["h", "bh"])
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim", HEADDIMS)
 def test_sm90_bwd_alibi(sm90, headdim, alibi, causal):
     run_case(sm90, "bfloat16", 2, 113, 203, 2, 2, headdim, seed=13, alibi=alibi, causal=causal)
 
 
+@pytest.mark.parametrize("headdim", [128, 256])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_sm90_bwd_softcap(sm90, dtype, causal):
-    run_case(sm90, dtype, 2, 113, 203, 2, 2, 128, seed=14, softcap=30.0, softmax_scale=1.0, causal=causal)
+def test_sm90_bwd_softcap(sm90, dtype, causal, headdim):
+    run_case(sm90, dtype, 2, 113, 203, 2, 2, headdim, seed=14, softcap=30.0, softmax_scale=1.0, causal=causal)
 
 
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim", HEADDIMS)
 def test_sm90_bwd_softcap_alibi_window(sm90, headdim):
     run_case(sm90, "bfloat16", 2, 257, 64, 2, 2, headdim, seed=15, softcap=30.0, alibi="h", window=(17, 5))
 
@@ -170,9 +173,10 @@ def test_sm90_bwd_custom_scale(sm90, scale):
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("heads", [(6, 2), (6, 1)], ids=["gqa6-2", "mqa6-1"])
-def test_sm90_bwd_gqa_mqa(sm90, heads, causal, deterministic):
+@pytest.mark.parametrize("headdim", [128, 256])
+def test_sm90_bwd_gqa_mqa(sm90, headdim, heads, causal, deterministic):
     h, hk = heads
-    run_case(sm90, "bfloat16", 2, 113, 300, h, hk, 128, seed=17, causal=causal, deterministic=deterministic)
+    run_case(sm90, "bfloat16", 2, 113, 300, h, hk, headdim, seed=17, causal=causal, deterministic=deterministic)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
@@ -187,14 +191,14 @@ def test_sm90_bwd_strided_inputs_and_outputs(sm90, deterministic):
     dict(seqlens=(239, 1), causal=True),          # most rows without keys: dq = 0 there
     dict(seqlens=(257, 64), window=(0, 0)),       # diagonal only; rows above it are empty
 ], ids=["keys-unseen", "rows-empty", "diagonal"])
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim", HEADDIMS)
 def test_sm90_bwd_nan_poisoned_outputs(sm90, case, headdim):
     sq, sk = case["seqlens"]
     run_case(sm90, "float16", 2, sq, sk, 2, 2, headdim, seed=20, causal=case.get("causal", False),
              window=case.get("window", (-1, -1)))
 
 
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim", HEADDIMS)
 def test_sm90_bwd_longer_sequences(sm90, headdim):
     # many key blocks and query blocks per block (reds from many blocks), causal and GQA
     run_case(sm90, "bfloat16", 1, 1000, 1537, 4, 2, headdim, seed=21, causal=True)
@@ -206,7 +210,8 @@ def test_sm90_bwd_longer_sequences(sm90, headdim):
 @pytest.mark.parametrize("case", [
     dict(dtype="bfloat16", seqlens=(257, 640), heads=(6, 2), d=128, causal=True),
     dict(dtype="float16", seqlens=(300, 520), heads=(2, 2), d=64, causal=False),
-], ids=["bf16-gqa-causal-d128", "fp16-d64"])
+    dict(dtype="bfloat16", seqlens=(300, 520), heads=(4, 2), d=256, causal=True),
+], ids=["bf16-gqa-causal-d128", "fp16-d64", "bf16-gqa-causal-d256"])
 def test_sm90_deterministic_bitwise(sm90, case, splits):
     dtype = case["dtype"]
     sq, sk = case["seqlens"]
@@ -227,7 +232,8 @@ def test_sm90_deterministic_bitwise(sm90, case, splits):
                 assert np.array_equal(a, b), f"{name} differs between deterministic runs"
     assert sm90.runs[-1].path == "sm90"
     if splits is not None:
-        assert sm90.runs[-1].scratch["bwd_sm90_dq_accum"].shape[0] == min(splits, -(-sk // 128))
+        bn = _launch_bwd_sm90.tile_for(case["d"]).block_n
+        assert sm90.runs[-1].scratch["bwd_sm90_dq_accum"].shape[0] == min(splits, -(-sk // bn))
     ref, base, _ = _reference(q, k, v, do, None, dtype, opts)
     for name, g, r, bs in zip(("dq", "dk", "dv"), grads, ref, base):
         check_grad(name, to_numpy64(g), r, bs, dtype, grad_scale(ref))
@@ -241,7 +247,11 @@ def test_sm90_deterministic_bitwise(sm90, case, splits):
     dict(dtype="float16", seqlens=(2000, 700), heads=(2, 1), d=64, causal=True),
     dict(dtype="bfloat16", seqlens=(1500, 1500), heads=(3, 3), d=128, causal=True),
     dict(dtype="bfloat16", seqlens=(640, 3000), heads=(2, 2), d=64, causal=True),
-], ids=["d64-square", "d128-gqa-sq<sk", "d128-sq>sk", "d64-causal-sq>sk", "d128-causal", "d64-causal-sq<sk"])
+    dict(dtype="bfloat16", seqlens=(700, 1200), heads=(4, 2), d=256, causal=False),
+    dict(dtype="float16", seqlens=(1000, 1000), heads=(2, 2), d=256, causal=True),
+    dict(dtype="bfloat16", seqlens=(1100, 400), heads=(2, 1), d=256, causal=True),
+], ids=["d64-square", "d128-gqa-sq<sk", "d128-sq>sk", "d64-causal-sq>sk", "d128-causal", "d64-causal-sq<sk",
+        "d256-gqa-sq<sk", "d256-causal", "d256-causal-sq>sk"])
 def test_sm90_ordered_planes(sm90, monkeypatch, case, planes):
     """The ordered deterministic mode with one and two dq_accum planes (bwd_sm90.cu's header)."""
     ordered_planes_case(sm90, monkeypatch, case, planes, _launch_bwd_sm90, "bwd_sm90", seed=31)
@@ -263,7 +273,7 @@ def test_sm90_default_and_deterministic_agree(sm90):
 # ---- routes into the path ---------------------------------------------------------------------------------------
 
 def test_dispatcher_picks_sm90(monkeypatch, caplog):
-    """The real dispatcher (no pinning) takes this path for fp16 / bf16 d64 / d128 on the H100."""
+    """The real dispatcher (no pinning) takes this path for fp16 / bf16 d64 / d128 / d256 on the H100."""
     monkeypatch.delenv("CUFLASH_DISABLE_SM90", raising=False)
     monkeypatch.delenv("CUFLASH_DISABLE_SM90_BWD", raising=False)
     monkeypatch.delenv("CUFLASH_BWD_SM90_MODE", raising=False)
@@ -275,7 +285,7 @@ def test_dispatcher_picks_sm90(monkeypatch, caplog):
         return real(run, *a, **kw)
 
     monkeypatch.setattr(_launch_bwd_sm90, "backward_sm90", spy)
-    for d in (64, 128):
+    for d in (64, 128, 256):
         q, k, v, do, _ = _inputs(26, "bfloat16", 1, 200, 333, 2, 2, d)
         qd, kd, vd, dod = (_dev(x, "bfloat16", "contig") for x in (q, k, v, do))
         out, lse = cuflash.attention(qd, kd, vd, return_lse=True, causal=True)
@@ -285,7 +295,7 @@ def test_dispatcher_picks_sm90(monkeypatch, caplog):
         ref, base, _ = _reference(q, k, v, do, None, "bfloat16", opts)
         for name, g, r, bs in zip(("dq", "dk", "dv"), grads, ref, base):
             check_grad(name, to_numpy64(g), r, bs, "bfloat16", grad_scale(ref))
-    assert seen == ["sm90", "sm90"]
+    assert seen == ["sm90", "sm90", "sm90"]
     assert any("backward path=sm90" in r.getMessage() for r in caplog.records)
 
 
@@ -308,8 +318,10 @@ def test_sm90_not_taken_for_other_runs():
     # dropout with softcap / ALiBi at d64: the sm80 path (that variant has no transform code)
     assert not _launch_bwd_sm90.supports(run(dropout_p=0.1, softcap=5.0))
     assert _launch_bwd_sm90.supports(run(128, dropout_p=0.1, softcap=5.0))
-    for d in (32, 96, 192, 256):                                         # other buckets: the sm80 path
+    for d in (32, 96, 192):                                              # other buckets: the sm80 path
         assert not _launch_bwd_sm90.supports(run(d)), d
+    assert _launch_bwd_sm90.supports(run(256)) and _launch_bwd_sm90.supports(run(232))
+    assert not _launch_bwd_sm90.supports(run(256, dropout_p=0.1))        # d256 dropout: the sm80 path
     assert not _launch_bwd_sm90.supports(run(dtype="float32"))
     shifted = cupy.zeros(1 * 16 * 2 * 64 + 1, np.float16)[1:].reshape(1, 16, 2, 64)  # base not 16-byte aligned
     assert not _launch_bwd_sm90.supports(run(q=shifted))
@@ -318,9 +330,9 @@ def test_sm90_not_taken_for_other_runs():
 def test_sm90_debug_modes_run(sm90, monkeypatch):
     """The debugging MODE variants launch and finish (their results are wrong by design)."""
     opts = dict(causal=True, softmax_scale=None, window_size=(-1, -1), softcap=0.0)
-    for m in (1, 2, 3, 4):
+    for m, d in ((1, 128), (2, 128), (3, 128), (4, 128), (1, 256), (2, 256), (3, 256)):
         # a shape per mode: the API's plan cache keys on shapes, not on the environment
-        q, k, v, do, _ = _inputs(27, "bfloat16", 1, 300 + m, 300, 2, 2, 128)
+        q, k, v, do, _ = _inputs(27, "bfloat16", 1, 300 + m + d, 300, 2, 2, d)
         monkeypatch.setenv("CUFLASH_BWD_SM90_MODE", str(m))
         grads = _grads(q, k, v, do, None, "bfloat16", opts)
         if m == 4:  # the experimental overlapped schedule: correct results
