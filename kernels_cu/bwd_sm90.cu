@@ -59,7 +59,8 @@
 //     past seqlen_k (masked); head dims pad to the bucket (zero columns).
 //
 // MODE (debugging and timing only; the dispatcher uses 0): bit 0 skips dQ (the dS store, the barrier, the
-// dQ GEMM and its reductions), bit 1 skips the dK / dV GEMMs (results are then wrong); bit 2 takes an
+// dQ GEMM and its reductions; kSplitD keeps the store and the barrier), bit 4 only dQ's additions into
+// dq_accum, bit 1 skips the dK / dV GEMMs (results are then wrong); bit 2 takes an
 // experimental overlapped schedule (correct results; P = exp2 while dP^T runs, dS while dV runs, dS from the
 // 16-bit P). It does not fit the registers yet: ptxas serialises its wgmma (C7512, NVRTC 13.0) and spills
 // at d64 (NVRTC 13.5), so the default (bit 2 clear) is the serial schedule: wait for S^T and dP^T, all of P
@@ -82,6 +83,7 @@ constexpr int kModeNoDQ = 1;
 constexpr int kModeNoDKV = 2;
 constexpr int kModeOverlap = 4;  // experimental schedule (see the main loop)
 constexpr int kModeOrdered = 8;  // the ordered deterministic mode: reversed key blocks, rotated walk
+constexpr int kModeNoRed = 16;   // timing only: the dQ GEMM runs, its additions into dq_accum do not
 constexpr int kBarDS = 1;   // named barrier: both consumers have written their dS^T rows
 constexpr int kBarSem = 2;  // named barrier: ordered deterministic mode, the consumers' turn on a dQ block
 constexpr int kOrderedAcyclic = 1;  // Params::flags, ordered mode: no block waits on a lower key block
@@ -119,12 +121,13 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     constexpr int kKSN = BN / 16;  // k-steps over the keys (dQ)
     constexpr int kNQ = Tr::kNQ;
     extern __shared__ __align__(1024) unsigned char smem[];
-    // kHelper (the ordered mode without dropout): warp 1 of the producer warpgroup takes the hand-overs of
-    // the dQ additions off the consumers (below); it needs the dropout variants' register split.
-    constexpr bool kHelper = (MODE & kModeOrdered) && !DROPOUT;
-    constexpr int kProducerRegs = kHelper ? 40 : Tr::kProducerRegs;
-    constexpr int kConsumerRegs = kHelper ? 232 : Tr::kConsumerRegs;
-    __shared__ __align__(8) u64 bars[Tr::kBars + (kHelper ? 4 : 0)];
+    // kBulkDQ (no dropout): the consumers stage dQ in the step's slot and warp 1 of the producer warpgroup
+    // adds it into dq_accum with bulk reductions (and, ordered, takes the hand-overs); with dropout (warps
+    // 1 - 3 draw the keep bits) the consumers add it themselves with red.global.add.
+    constexpr bool kBulkDQ = !DROPOUT;
+    constexpr int kProducerRegs = Tr::kProducerRegs;
+    constexpr int kConsumerRegs = Tr::kConsumerRegs;
+    __shared__ __align__(8) u64 bars[Tr::kBars + (kBulkDQ ? STAGES : 0)];
     // seqlen_q, seqlen_k, nheads, nheads_k, batch, window_left, window_right: the producer re-reads them
     // from here (volatile) instead of holding them (see fwd_sm90.cu).
     __shared__ int shape_s[7];
@@ -140,10 +143,20 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     auto q_full = [&](int s) { return bar0 + 8u * (2 + s); };
     auto q_empty = [&](int s) { return bar0 + 8u * (2 + STAGES + s); };
     auto keep_full = [&](int s) { return bar0 + 8u * (2 + 2 * STAGES + s); };  // DROPOUT only
-    // kHelper: turn(t) completes when the step of parity t may add its dQ (the helper saw the counter),
-    // done(t) when the 8 consumer warps have issued their additions of that step
-    auto turn = [&](int t) { return bar0 + 8u * (Tr::kBars + t); };
-    auto done = [&](int t) { return bar0 + 8u * (Tr::kBars + 2 + t); };
+    // kBulkDQ: dq_full(s) completes when the 8 consumer warps have staged slot s's dQ tiles (q_empty(s) then
+    // comes from the reducer warp once its bulk reductions have read them)
+    auto dq_full = [&](int s) { return bar0 + 8u * (Tr::kBars + s); };
+    // kBulkDQ: shared-memory address of row r (0..63) of consumer w's staged dQ tile in slot s, and the
+    // rotation of that row (in 16-byte units: 2 (r % 8), so that a warp's 8-byte stores of 8 rows x 32 bytes
+    // hit 4 distinct bank windows: conflict-free)
+    constexpr int kDQChunks = Tr::kDQRowBytes / 16;
+    auto dq_row = [&](int s, int w, int r) -> u32 {
+        if constexpr (Tr::kSplitD) {  // rows 0..31 in the Q slot's columns 128 w.., rows 32..63 in dO's
+            return (r < 32 ? sQ : sdO) + s * Tr::kQBytes + w * (Tr::kQBytes / 2) + (r & 31) * Tr::kDQRowBytes;
+        } else {
+            return (w ? sdO : sQ) + s * Tr::kQBytes + r * Tr::kDQRowBytes;
+        }
+    };
 
     // The first key block of this block (kModeOrdered: the last key block first) and the walk's pivot.
     auto first_kb = [] {
@@ -168,14 +181,9 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
         mbar_init(kv_empty, 8);  // one arrival per consumer warp
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(q_full(s), 1);
-            mbar_init(q_empty(s), 8);
+            mbar_init(q_empty(s), kBulkDQ ? 1 : 8);  // kBulkDQ: the reducer warp frees the slot
+            if (kBulkDQ) mbar_init(dq_full(s), 8);
             if (DROPOUT) mbar_init(keep_full(s), 96);  // every thread of the three RNG warps
-        }
-        if (kHelper) {
-            for (int t = 0; t < 2; ++t) {
-                mbar_init(turn(t), 1);
-                mbar_init(done(t), 8);
-            }
         }
         mbar_init_fence();
     }
@@ -233,49 +241,70 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     }
                 }
             }
-        } else if (kHelper && sreg_tid() == 32) {
-            // ---- the hand-over thread (ordered mode): per step, in the consumers' order, wait for this
-            // block's turn on the step's counter, open turn(), wait for done() (the consumers' additions,
-            // ordered before it at CTA scope), then raise the counter with a GPU-scope release (cumulative:
-            // it covers the consumers' additions). The consumers never wait on global memory.
+        } else if (kBulkDQ && sreg_tid() >= 32 && sreg_tid() < 64) {
+            // ---- the dQ reducer (warp 1; kBulkDQ) -------------------------------------------------------------
+            // Per step, in the consumers' order: wait for the step's staged dQ tiles (dq_full), in the ordered
+            // mode for this block's turn on the step's counter (lane 0), add the 2 x 64 rows into dq_accum
+            // with bulk reductions (a lane per row; a rotated row is two operations), free the slot once
+            // they have read it (q_empty), and in the ordered mode raise the counter once they have completed
+            // (GPU-scope release). Deterministic modes wait for completion before the next step's additions
+            // (bulk operations in flight have no order among themselves).
             auto fresh = [&](int i) { return *static_cast<const volatile int*>(&shape_s[i]); };
-            const int nb = first_kb();  // one key block per block in ordered mode
-            int m_first, n_m;
-            query_block_range<BM, BN>(nb * BN, fresh(0), fresh(1), fresh(5), fresh(6), m_first, n_m);
-            const int pivot = pivot_of(nb, fresh(0), fresh(1), fresh(6), m_first);
-            const int group = fresh(2) / fresh(3);
-            // the counter and this block's turn of step g (head hi = g / n_m, walk step g % n_m)
-            auto target = [&](int g, int& rank) {
-                const int hi = g / n_m, m = walk_m(g - hi * n_m, m_first, n_m, pivot);
-                int part;
-                ordered_turn<BM, BN>(nb, m, sreg_nctaid_x(), fresh(0), fresh(1), fresh(6), p.num_splits == 2, part, rank);
-                return p.counters
-                     + (((i64)sreg_ctaid().z * fresh(2) + sreg_ctaid().y * group + hi) * ((fresh(0) + BM - 1) / BM) + m)
-                           * p.num_splits
-                     + part;
-            };
-            // kOrderedAcyclic: every wait is on key block nb + 1 (two planes, or no lower part), so the next
-            // step's turn may be awaited before this step's release; else (the one-plane wrap, where block
-            // N - 1 waits on block 0) strictly in order
-            const bool ahead = p.flags & kOrderedAcyclic;
-            const int total = group * n_m;
-            int* c = nullptr;  // the counter of step g - 1 (turn given, not yet released)
-            for (int g = 0; g <= total; ++g) {
-                int rank = 0;
-                int* const cn = g < total ? target(g, rank) : nullptr;
-                if (ahead && cn != nullptr) {
-                    sem_wait(cn, rank);
-                    mbar_arrive(turn(g & 1));
+            const int rl = sreg_tid() & 31;
+            int g = 0;
+            for (int nb = first_kb(); nb * BN < fresh(1); nb += sreg_nctaid_x()) {
+                int m_first, n_m;
+                query_block_range<BM, BN>(nb * BN, fresh(0), fresh(1), fresh(5), fresh(6), m_first, n_m);
+                const int group = fresh(2) / fresh(3);
+                for (int it = 0; it < n_m * group; ++it, ++g) {
+                    const int hi = it / n_m;
+                    const int m0 = step_m(it - hi * n_m, m_first, n_m,
+                                          pivot_of(nb, fresh(0), fresh(1), fresh(6), m_first)) * BM;
+                    const int h = sreg_ctaid().y * group + hi, s = g % STAGES;
+                    const i64 sq_pad = (i64)((fresh(0) + 127) / 128 * 128);
+                    int part = 0, rank = 0;
+                    int* cnt = nullptr;
+                    if constexpr ((MODE & kModeOrdered) != 0) {
+                        ordered_turn<BM, BN>(nb, m0 / BM, sreg_nctaid_x(), fresh(0), fresh(1), fresh(6), p.num_splits == 2,
+                                             part, rank);
+                        cnt = p.counters
+                            + (((i64)sreg_ctaid().z * fresh(2) + h) * ((fresh(0) + BM - 1) / BM) + m0 / BM) * p.num_splits
+                            + part;
+                    } else {
+                        part = p.num_splits > 1 ? (int)sreg_ctaid_x() : 0;  // deterministic split mode: its copy
+                    }
+                    mbar_wait(dq_full(s), (g / STAGES) & 1);
+                    if constexpr ((MODE & kModeOrdered) != 0) {
+                        if (rl == 0) sem_wait(cnt, rank);
+                        __syncwarp();
+                        fence_proxy_async_global();
+                    }
+                    if (!(MODE & (kModeNoDQ | kModeNoRed))) {
+                        float* const base = p.dq_accum + (i64)part * fresh(4) * fresh(2) * sq_pad * D
+                                          + (((i64)sreg_ctaid().z * fresh(2) + h) * sq_pad + m0) * D;
+                        for (int t = rl; t < 128; t += 32) {
+                            const int w = t >> 6, r = t & 63, rot = (2 * (r & 7)) % kDQChunks;
+                            float* const dst = base + (i64)(Tr::kDQByRows ? 64 * w + r : r) * D + (Tr::kDQByRows ? 0 : kNQ * w);
+                            const u32 src = dq_row(s, w, r);
+                            // chunks 0 .. kDQChunks - rot - 1 of the row sit at rot.., the others at 0..
+                            bulk_reduce_add_f32(dst, src + 16 * rot, 16 * (kDQChunks - rot));
+                            if (rot) bulk_reduce_add_f32(dst + 4 * (kDQChunks - rot), src, 16 * rot);
+                        }
+                        bulk_commit();
+                    }
+                    if (p.deterministic) {
+                        bulk_wait<0>();
+                    } else {
+                        bulk_wait_read<0>();
+                    }
+                    __syncwarp();
+                    if (rl == 0) mbar_arrive(q_empty(s));
+                    if constexpr ((MODE & kModeOrdered) != 0) {
+                        fence_proxy_async_global();
+                        __syncwarp();
+                        if (rl == 0) red_release_add(cnt, 1);
+                    }
                 }
-                if (c != nullptr) {
-                    mbar_wait(done((g - 1) & 1), ((g - 1) >> 1) & 1);
-                    red_release_add(c, 1);
-                }
-                if (!ahead && cn != nullptr) {
-                    sem_wait(cn, rank);
-                    mbar_arrive(turn(g & 1));
-                }
-                c = cn;
             }
         } else if (DROPOUT && sreg_tid() >= 32) {
             // ---- RNG warps (1 - 3): the keep bits of every step, in the consumers' order ------------------
@@ -387,7 +416,6 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     };
 
     int g = 0;    // steps consumed so far (ring position and phase; dS buffer parity)
-    int kbl = 0;  // key blocks consumed so far
     for (int nb = first_kb(); nb * BN < sk; nb += sreg_nctaid_x()) {
         const int n0 = nb * BN;
         const int kw0 = n0 + (kSplitD ? 0 : 64 * cw);  // first key of this consumer
@@ -413,6 +441,15 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
         }
 
         if (n_iter > 0) {
+            // K / V phase: the key blocks with steps before this one in the block's sequence (counted here
+            // rather than carried through the loop: a register less in the steps; one block per key
+            // block unless deterministic split mode)
+            int kbl = 0;
+            for (int x = first_kb(); x < nb; x += sreg_nctaid_x()) {
+                int mf, nm;
+                query_block_range<BM, BN>(x * BN, sq, sk, wl, wr, mf, nm);
+                kbl += nm > 0;
+            }
             mbar_wait(kv_full, kbl & 1);
             int hi = 0, mi = 0;
             for (int it = 0; it < n_iter; ++it, ++g) {
@@ -699,53 +736,72 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     fence_regs<kKSP * 4>(&da[0][0]);
                 }
                 if (!(MODE & kModeNoDQ)) fence_regs<kNQ / 2>(dq);
-                release(q_empty(s));
-
-                // Ordered deterministic mode (the host passes counters with kModeOrdered only). A run-time
-                // test: as a compile-time one (the code gone from MODE 0), ptxas (NVRTC 13.0) spills 8 - 12
-                // bytes in the MODE 0 dropout variants.
-                const bool ordered = p.deterministic && p.counters != nullptr;
-                // ordered: the dq_accum plane of this step (1: a lower-part visit with two planes)
-                const int part = ordered && p.num_splits == 2 && m0 < pivot * BM ? 1 : 0;
-                if (kHelper) {
-                    mbar_wait(turn(g & 1), (g >> 1) & 1);  // the hand-over thread saw this block's turn
-                } else if (ordered) {  // ordered deterministic mode: this key block's turn on these rows
-                    if (sreg_tid() == 128) {
-                        int pt, rank;
-                        ordered_turn<BM, BN>(nb, m0 / BM, sreg_nctaid_x(), sq, sk, wr, p.num_splits == 2, pt, rank);
-                        sem_wait(sem_at(h, m0 / BM, pt), rank);
-                    }
-                    named_bar_sync(kBarSem, 256);
-                }
-                if (!(MODE & kModeNoDQ)) {
-                    // ---- dQ -> dq_accum: lane pairs (tq, tq ^ 1) swap halves for 16-byte reductions ---------
-                    // even tq: row wrow, columns 4 (tq / 2) .. + 3 of each n8 tile; odd tq: row wrow + 8.
-                    const int ft = sm80::opaque(tid);  // lane math recomputed here, not held across the loop
-                    const bool odd = ft & 1;
-                    const int row = m0 + (Tr::kDQByRows ? 64 * cw : 0) + 16 * (warp & 3) + ((ft & 31) >> 2) + (odd ? 8 : 0);
-                    float* dst = p.dq_accum + (ordered ? part * (i64)p.batch * p.nheads * sq_pad * D
-                                                       : p.num_splits > 1 ? (i64)sreg_ctaid_x() * p.batch * p.nheads * sq_pad * D : (i64)0)
-                               + (((i64)b * p.nheads + h) * sq_pad + row) * D + (Tr::kDQByRows ? 0 : kNQ * cw) + 4 * ((ft & 3) >> 1);
+                if constexpr (kBulkDQ) {
+                    // ---- dQ -> the slot (rows rotated, see dq_row) for the reducer warp ---------------------
+                    // Once both consumers' GEMMs are done (kSplitD: this consumer alone read its share).
+                    if constexpr (!kSplitD) named_bar_sync(kBarSem, 256);
+                    if (!(MODE & kModeNoDQ)) {
+                        // rows r and r + 8 (same rotation, same half of the slot), chunk 2 nt + tq / 2
+                        const int ft = sm80::opaque(tid);  // lane math recomputed here, not held across the loop
+                        const int r = 16 * (warp & 3) + ((ft & 31) >> 2);
+                        const u32 row = dq_row(s, cw, r) + 8 * (ft & 1);
+                        const int c0 = ((ft & 3) >> 1) + 2 * (r & 7);
 #pragma unroll
-                    for (int nt = 0; nt < kNQ / 8; ++nt) {
-                        const float x0 = odd ? dq[4 * nt + 0] : dq[4 * nt + 2];
-                        const float x1 = odd ? dq[4 * nt + 1] : dq[4 * nt + 3];
-                        const float y0 = __shfl_xor_sync(0xffffffffu, x0, 1);
-                        const float y1 = __shfl_xor_sync(0xffffffffu, x1, 1);
-                        if (odd) red_add_v4(dst + 8 * nt, y0, y1, dq[4 * nt + 2], dq[4 * nt + 3]);
-                        else red_add_v4(dst + 8 * nt, dq[4 * nt + 0], dq[4 * nt + 1], y0, y1);
+                        for (int nt = 0; nt < kNQ / 8; ++nt) {
+                            const u32 a = row + 16 * ((2 * nt + c0) % kDQChunks);
+#pragma unroll
+                            for (int hh = 0; hh < 2; ++hh)
+                                asm volatile("st.shared.v2.f32 [%0], {%1, %2};"
+                                             ::"r"(a + 8 * hh * Tr::kDQRowBytes), "f"(dq[4 * nt + 2 * hh]),
+                                             "f"(dq[4 * nt + 2 * hh + 1]) : "memory");
+                        }
                     }
-                }
-                if (kHelper) {  // this warp's additions are issued: the hand-over thread releases them
+                    fence_proxy_async();
                     __syncwarp();
-                    if ((sm80::opaque(tid) & 31) == 0) mbar_arrive(done(g & 1));
-                } else if (ordered) {  // the hand-over: every consumer thread's reductions, then one release
-                    named_bar_sync(kBarSem, 256);
-                    if (sreg_tid() == 128) red_release_add(sem_at(h, m0 / BM, part), 1);
+                    if ((sm80::opaque(tid) & 31) == 0) mbar_arrive(dq_full(s));
+                } else {
+                    release(q_empty(s));
+
+                    // Ordered deterministic mode (the host passes counters with kModeOrdered only). A run-time
+                    // test: as a compile-time one (the code gone from MODE 0), ptxas (NVRTC 13.0) spills 8 - 12
+                    // bytes in the MODE 0 dropout variants.
+                    const bool ordered = p.deterministic && p.counters != nullptr;
+                    // ordered: the dq_accum plane of this step (1: a lower-part visit with two planes)
+                    const int part = ordered && p.num_splits == 2 && m0 < pivot * BM ? 1 : 0;
+                    if (ordered) {  // ordered deterministic mode: this key block's turn on these rows
+                        if (sreg_tid() == 128) {
+                            int pt, rank;
+                            ordered_turn<BM, BN>(nb, m0 / BM, sreg_nctaid_x(), sq, sk, wr, p.num_splits == 2, pt, rank);
+                            sem_wait(sem_at(h, m0 / BM, pt), rank);
+                        }
+                        named_bar_sync(kBarSem, 256);
+                    }
+                    if (!(MODE & (kModeNoDQ | kModeNoRed))) {
+                        // ---- dQ -> dq_accum: lane pairs (tq, tq ^ 1) swap halves for 16-byte reductions ---------
+                        // even tq: row wrow, columns 4 (tq / 2) .. + 3 of each n8 tile; odd tq: row wrow + 8.
+                        const int ft = sm80::opaque(tid);  // lane math recomputed here, not held across the loop
+                        const bool odd = ft & 1;
+                        const int row = m0 + (Tr::kDQByRows ? 64 * cw : 0) + 16 * (warp & 3) + ((ft & 31) >> 2) + (odd ? 8 : 0);
+                        float* dst = p.dq_accum + (ordered ? part * (i64)p.batch * p.nheads * sq_pad * D
+                                                           : p.num_splits > 1 ? (i64)sreg_ctaid_x() * p.batch * p.nheads * sq_pad * D : (i64)0)
+                                   + (((i64)b * p.nheads + h) * sq_pad + row) * D + (Tr::kDQByRows ? 0 : kNQ * cw) + 4 * ((ft & 3) >> 1);
+#pragma unroll
+                        for (int nt = 0; nt < kNQ / 8; ++nt) {
+                            const float x0 = odd ? dq[4 * nt + 0] : dq[4 * nt + 2];
+                            const float x1 = odd ? dq[4 * nt + 1] : dq[4 * nt + 3];
+                            const float y0 = __shfl_xor_sync(0xffffffffu, x0, 1);
+                            const float y1 = __shfl_xor_sync(0xffffffffu, x1, 1);
+                            if (odd) red_add_v4(dst + 8 * nt, y0, y1, dq[4 * nt + 2], dq[4 * nt + 3]);
+                            else red_add_v4(dst + 8 * nt, dq[4 * nt + 0], dq[4 * nt + 1], y0, y1);
+                        }
+                    }
+                    if (ordered) {  // the hand-over: every consumer thread's reductions, then one release
+                        named_bar_sync(kBarSem, 256);
+                        if (sreg_tid() == 128) red_release_add(sem_at(h, m0 / BM, part), 1);
+                    }
                 }
             }
             release(kv_empty);  // the last step's MMAs (the last to read K and V) have retired
-            ++kbl;
         }
 
         // ---- epilogue: dK * scale and dV in T, straight from the fragments ------------------------------

@@ -40,11 +40,11 @@ struct Sm90BwdTraits {
     static constexpr int kQPerConsumer = kSplitD ? BM_ / 2 : BM_;  // S^T / dP^T query columns
     static constexpr int kStages = STAGES_;
     static constexpr int kThreads = 384;
-    // setmaxnreg: the producer keeps 24 registers, the two consumers 240 each; with dropout the producer's
-    // RNG warps run Philox and keep 40, the consumers 232.
+    // setmaxnreg: the producer warpgroup keeps 40 registers (its warp 1 adds dQ into dq_accum; with dropout
+    // warps 1 - 3 run Philox instead), the two consumers 232 each.
     static constexpr bool kDropout = DROPOUT_;
-    static constexpr int kProducerRegs = kDropout ? 40 : 24;
-    static constexpr int kConsumerRegs = kDropout ? 232 : 240;
+    static constexpr int kProducerRegs = 40;
+    static constexpr int kConsumerRegs = 232;
     static constexpr int kChunks = kD / 64;
     static constexpr bool kDQByRows = kBM == 128;         // dQ split between the consumers by rows
     static constexpr int kNQ = kDQByRows ? kD : kD / 2;   // dQ columns per consumer
@@ -69,6 +69,12 @@ struct Sm90BwdTraits {
     static constexpr int kBars = 2 + 2 * kStages + (kDropout ? kStages : 0);
     // fp32 accumulators per consumer thread: dK, dV live through the loop; S^T, dP^T per step.
     static constexpr int kAccRegs = 2 * (kDPerConsumer / 2) + 2 * (kQPerConsumer / 2);
+    // Without dropout a consumer stages its dQ tile (64 rows x kNQ fp32) in the step's Q / dO slot once its
+    // GEMMs are done, for the producer's reducer warp (bwd_sm90.cu): rows of kNQ * 4 bytes, each rotated by
+    // 32 (r % 8) bytes (conflict-free stores), in the halves of the slot it alone read (kSplitD: Q and dO
+    // columns 128 w ..; else the Q slot for consumer 0, the dO slot for consumer 1).
+    static constexpr int kDQRowBytes = kNQ * 4;
+    static_assert(64 * kDQRowBytes == kQBytes, "a consumer's dQ tile fills its share of the slot");
 
     static_assert(kD == 64 || kD == 128 || kD == 256, "head-dim bucket 64, 128 or 256");
     static_assert(!kSplitD || (kBM == 64 && !kDropout), "d256: BM 64, no dropout variant");
@@ -90,6 +96,24 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                  ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
                  : "memory");
+}
+
+// Bulk reduction (TMA): adds `bytes` (a multiple of 16) of fp32 from shared memory into global memory
+// (16-byte aligned), as one operation of this thread's current bulk group.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, u32 src, u32 bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
+                 ::"l"(dst), "r"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+// This thread's bulk groups: all but N have read their shared-memory source / have completed.
+template <int N> __device__ __forceinline__ void bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+template <int N> __device__ __forceinline__ void bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async_global() {
+    asm volatile("fence.proxy.async.global;" ::: "memory");
 }
 
 // fp32 reductions into global memory: 2 or 4 adjacent floats (8- / 16-byte aligned), one vector red.
