@@ -121,13 +121,15 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     constexpr int kKSN = BN / 16;  // k-steps over the keys (dQ)
     constexpr int kNQ = Tr::kNQ;
     extern __shared__ __align__(1024) unsigned char smem[];
-    // kBulkDQ (no dropout): the consumers stage dQ in the step's slot and warp 1 of the producer warpgroup
-    // adds it into dq_accum with bulk reductions (and, ordered, takes the hand-overs); with dropout (warps
-    // 1 - 3 draw the keep bits) the consumers add it themselves with red.global.add.
-    constexpr bool kBulkDQ = !DROPOUT;
+    // kBulkDQ (Tr::kBulkDQ: d64 / d128 without dropout): the consumers stage dQ in shared memory (two
+    // buffers) and warp 1 of the producer warpgroup adds it into dq_accum with bulk reductions (and, in the
+    // ordered mode, takes the hand-overs). Otherwise the consumers add dQ themselves with red.global.add;
+    // kHelper (d256 ordered, no dropout): warp 1 then takes the hand-overs of those additions off them.
+    constexpr bool kBulkDQ = Tr::kBulkDQ;
+    constexpr bool kHelper = (MODE & kModeOrdered) && !DROPOUT && !kBulkDQ;
     constexpr int kProducerRegs = Tr::kProducerRegs;
     constexpr int kConsumerRegs = Tr::kConsumerRegs;
-    __shared__ __align__(8) u64 bars[Tr::kBars + (kBulkDQ ? STAGES : 0)];
+    __shared__ __align__(8) u64 bars[Tr::kBars + 4];
     // seqlen_q, seqlen_k, nheads, nheads_k, batch, window_left, window_right: the producer re-reads them
     // from here (volatile) instead of holding them (see fwd_sm90.cu).
     __shared__ int shape_s[7];
@@ -143,19 +145,21 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     auto q_full = [&](int s) { return bar0 + 8u * (2 + s); };
     auto q_empty = [&](int s) { return bar0 + 8u * (2 + STAGES + s); };
     auto keep_full = [&](int s) { return bar0 + 8u * (2 + 2 * STAGES + s); };  // DROPOUT only
-    // kBulkDQ: dq_full(s) completes when the 8 consumer warps have staged slot s's dQ tiles (q_empty(s) then
-    // comes from the reducer warp once its bulk reductions have read them)
-    auto dq_full = [&](int s) { return bar0 + 8u * (Tr::kBars + s); };
-    // kBulkDQ: shared-memory address of row r (0..63) of consumer w's staged dQ tile in slot s, and the
-    // rotation of that row (in 16-byte units: 2 (r % 8), so that a warp's 8-byte stores of 8 rows x 32 bytes
-    // hit 4 distinct bank windows: conflict-free)
+    // kBulkDQ: dq_full(t) completes when the 8 consumer warps have staged a step's dQ tiles in buffer t (of
+    // kNB: step g uses g % kNB), dq_empty(t) when the reducer's bulk reductions have read them.
+    // kHelper: turn(t) completes when the step of parity t may add its dQ (the helper saw the counter),
+    // done(t) when the 8 consumer warps have issued their additions of that step.
+    auto dq_full = [&](int t) { return bar0 + 8u * (Tr::kBars + t); };
+    auto dq_empty = [&](int t) { return bar0 + 8u * (Tr::kBars + 2 + t); };
+    auto turn = dq_full;
+    auto done = dq_empty;
+    // kBulkDQ: shared-memory address of row r (0..63) of consumer w's staged dQ tile in buffer t. Rows are
+    // kNQ fp32 as in dq_accum, each rotated by 2 (r % 8) 16-byte units, so that a warp's 8-byte stores (8
+    // rows x 32 bytes) hit 4 distinct bank windows: no conflicts; a rotated row is two bulk operations.
     constexpr int kDQChunks = Tr::kDQRowBytes / 16;
-    auto dq_row = [&](int s, int w, int r) -> u32 {
-        if constexpr (Tr::kSplitD) {  // rows 0..31 in the Q slot's columns 128 w.., rows 32..63 in dO's
-            return (r < 32 ? sQ : sdO) + s * Tr::kQBytes + w * (Tr::kQBytes / 2) + (r & 31) * Tr::kDQRowBytes;
-        } else {
-            return (w ? sdO : sQ) + s * Tr::kQBytes + r * Tr::kDQRowBytes;
-        }
+    constexpr int kNB = Tr::kStageBufs;
+    auto dq_row = [&](int t, int w, int r) -> u32 {
+        return s0 + Tr::kOffStage + t * Tr::kStageBytes + (w * 64 + r) * Tr::kDQRowBytes;
     };
 
     // The first key block of this block (kModeOrdered: the last key block first) and the walk's pivot.
@@ -181,9 +185,12 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
         mbar_init(kv_empty, 8);  // one arrival per consumer warp
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(q_full(s), 1);
-            mbar_init(q_empty(s), kBulkDQ ? 1 : 8);  // kBulkDQ: the reducer warp frees the slot
-            if (kBulkDQ) mbar_init(dq_full(s), 8);
+            mbar_init(q_empty(s), 8);
             if (DROPOUT) mbar_init(keep_full(s), 96);  // every thread of the three RNG warps
+        }
+        for (int t = 0; t < 2; ++t) {
+            mbar_init(dq_full(t), kBulkDQ ? 8 : 1);  // (kHelper: turn)
+            mbar_init(dq_empty(t), kBulkDQ ? 1 : 8);  // (kHelper: done)  (kNB = 1: buffer 0 only)
         }
         mbar_init_fence();
     }
@@ -245,10 +252,10 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
             // ---- the dQ reducer (warp 1; kBulkDQ) -------------------------------------------------------------
             // Per step, in the consumers' order: wait for the step's staged dQ tiles (dq_full), in the ordered
             // mode for this block's turn on the step's counter (lane 0), add the 2 x 64 rows into dq_accum
-            // with bulk reductions (a lane per row; a rotated row is two operations), free the slot once
-            // they have read it (q_empty), and in the ordered mode raise the counter once they have completed
-            // (GPU-scope release). Deterministic modes wait for completion before the next step's additions
-            // (bulk operations in flight have no order among themselves).
+            // with bulk reductions (a lane per row; a rotated row is two operations), free the buffer once
+            // they have read it (dq_empty), and in the ordered mode raise the counter once they have
+            // completed (GPU-scope release). Deterministic modes wait for completion before the next step's
+            // additions (bulk operations in flight have no order among themselves).
             auto fresh = [&](int i) { return *static_cast<const volatile int*>(&shape_s[i]); };
             const int rl = sreg_tid() & 31;
             int g = 0;
@@ -260,7 +267,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     const int hi = it / n_m;
                     const int m0 = step_m(it - hi * n_m, m_first, n_m,
                                           pivot_of(nb, fresh(0), fresh(1), fresh(6), m_first)) * BM;
-                    const int h = sreg_ctaid().y * group + hi, s = g % STAGES;
+                    const int h = sreg_ctaid().y * group + hi;
                     const i64 sq_pad = (i64)((fresh(0) + 127) / 128 * 128);
                     int part = 0, rank = 0;
                     int* cnt = nullptr;
@@ -273,7 +280,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     } else {
                         part = p.num_splits > 1 ? (int)sreg_ctaid_x() : 0;  // deterministic split mode: its copy
                     }
-                    mbar_wait(dq_full(s), (g / STAGES) & 1);
+                    mbar_wait(dq_full(g % kNB), (g / kNB) & 1);
                     if constexpr ((MODE & kModeOrdered) != 0) {
                         if (rl == 0) sem_wait(cnt, rank);
                         __syncwarp();
@@ -285,26 +292,72 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                         for (int t = rl; t < 128; t += 32) {
                             const int w = t >> 6, r = t & 63, rot = (2 * (r & 7)) % kDQChunks;
                             float* const dst = base + (i64)(Tr::kDQByRows ? 64 * w + r : r) * D + (Tr::kDQByRows ? 0 : kNQ * w);
-                            const u32 src = dq_row(s, w, r);
+                            const u32 src = dq_row(g % kNB, w, r);
                             // chunks 0 .. kDQChunks - rot - 1 of the row sit at rot.., the others at 0..
                             bulk_reduce_add_f32(dst, src + 16 * rot, 16 * (kDQChunks - rot));
                             if (rot) bulk_reduce_add_f32(dst + 4 * (kDQChunks - rot), src, 16 * rot);
                         }
                         bulk_commit();
                     }
-                    if (p.deterministic) {
+                    if (p.deterministic) {  // complete before the next step's additions; buffer read
                         bulk_wait<0>();
-                    } else {
-                        bulk_wait_read<0>();
+                        __syncwarp();
+                        if (rl == 0) mbar_arrive(dq_empty(g % kNB));
+                    } else {  // step g - kNB + 1's buffer read (kNB steps' additions in flight)
+                        bulk_wait_read<kNB - 1>();
+                        __syncwarp();
+                        if (rl == 0 && g >= kNB - 1) mbar_arrive(dq_empty((g - kNB + 1) % kNB));
                     }
-                    __syncwarp();
-                    if (rl == 0) mbar_arrive(q_empty(s));
                     if constexpr ((MODE & kModeOrdered) != 0) {
                         fence_proxy_async_global();
                         __syncwarp();
                         if (rl == 0) red_release_add(cnt, 1);
                     }
                 }
+            }
+        } else if (kHelper && sreg_tid() == 32) {
+            // ---- the hand-over thread (ordered mode): per step, in the consumers' order, wait for this
+            // block's turn on the step's counter, open turn(), wait for done() (the consumers' additions,
+            // ordered before it at CTA scope), then raise the counter with a GPU-scope release (cumulative:
+            // it covers the consumers' additions). The consumers never wait on global memory.
+            auto fresh = [&](int i) { return *static_cast<const volatile int*>(&shape_s[i]); };
+            const int nb = first_kb();  // one key block per block in ordered mode
+            int m_first, n_m;
+            query_block_range<BM, BN>(nb * BN, fresh(0), fresh(1), fresh(5), fresh(6), m_first, n_m);
+            const int pivot = pivot_of(nb, fresh(0), fresh(1), fresh(6), m_first);
+            const int group = fresh(2) / fresh(3);
+            // the counter and this block's turn of step g (head hi = g / n_m, walk step g % n_m)
+            auto target = [&](int g, int& rank) {
+                const int hi = g / n_m, m = walk_m(g - hi * n_m, m_first, n_m, pivot);
+                int part;
+                ordered_turn<BM, BN>(nb, m, sreg_nctaid_x(), fresh(0), fresh(1), fresh(6), p.num_splits == 2, part, rank);
+                return p.counters
+                     + (((i64)sreg_ctaid().z * fresh(2) + sreg_ctaid().y * group + hi) * ((fresh(0) + BM - 1) / BM) + m)
+                           * p.num_splits
+                     + part;
+            };
+            // kOrderedAcyclic: every wait is on key block nb + 1 (two planes, or no lower part), so the next
+            // step's turn may be awaited before this step's release; else (the one-plane wrap, where block
+            // N - 1 waits on block 0) strictly in order
+            const bool ahead = p.flags & kOrderedAcyclic;
+            const int total = group * n_m;
+            int* c = nullptr;  // the counter of step g - 1 (turn given, not yet released)
+            for (int g = 0; g <= total; ++g) {
+                int rank = 0;
+                int* const cn = g < total ? target(g, rank) : nullptr;
+                if (ahead && cn != nullptr) {
+                    sem_wait(cn, rank);
+                    mbar_arrive(turn(g & 1));
+                }
+                if (c != nullptr) {
+                    mbar_wait(done((g - 1) & 1), ((g - 1) >> 1) & 1);
+                    red_release_add(c, 1);
+                }
+                if (!ahead && cn != nullptr) {
+                    sem_wait(cn, rank);
+                    mbar_arrive(turn(g & 1));
+                }
+                c = cn;
             }
         } else if (DROPOUT && sreg_tid() >= 32) {
             // ---- RNG warps (1 - 3): the keep bits of every step, in the consumers' order ------------------
@@ -737,14 +790,14 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                 }
                 if (!(MODE & kModeNoDQ)) fence_regs<kNQ / 2>(dq);
                 if constexpr (kBulkDQ) {
-                    // ---- dQ -> the slot (rows rotated, see dq_row) for the reducer warp ---------------------
-                    // Once both consumers' GEMMs are done (kSplitD: this consumer alone read its share).
-                    if constexpr (!kSplitD) named_bar_sync(kBarSem, 256);
+                    // ---- dQ -> staging buffer g % kNB (rows rotated, see dq_row) for the reducer warp -------
+                    release(q_empty(s));
+                    if (g >= kNB) mbar_wait(dq_empty(g % kNB), ((g / kNB) & 1) ^ 1);  // step g - kNB's tiles read
                     if (!(MODE & kModeNoDQ)) {
                         // rows r and r + 8 (same rotation, same half of the slot), chunk 2 nt + tq / 2
                         const int ft = sm80::opaque(tid);  // lane math recomputed here, not held across the loop
                         const int r = 16 * (warp & 3) + ((ft & 31) >> 2);
-                        const u32 row = dq_row(s, cw, r) + 8 * (ft & 1);
+                        const u32 row = dq_row(g % kNB, cw, r) + 8 * (ft & 1);
                         const int c0 = ((ft & 3) >> 1) + 2 * (r & 7);
 #pragma unroll
                         for (int nt = 0; nt < kNQ / 8; ++nt) {
@@ -758,7 +811,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     }
                     fence_proxy_async();
                     __syncwarp();
-                    if ((sm80::opaque(tid) & 31) == 0) mbar_arrive(dq_full(s));
+                    if ((sm80::opaque(tid) & 31) == 0) mbar_arrive(dq_full(g % kNB));
                 } else {
                     release(q_empty(s));
 
@@ -768,7 +821,9 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     const bool ordered = p.deterministic && p.counters != nullptr;
                     // ordered: the dq_accum plane of this step (1: a lower-part visit with two planes)
                     const int part = ordered && p.num_splits == 2 && m0 < pivot * BM ? 1 : 0;
-                    if (ordered) {  // ordered deterministic mode: this key block's turn on these rows
+                    if (kHelper) {
+                        mbar_wait(turn(g & 1), (g >> 1) & 1);  // the hand-over thread saw this block's turn
+                    } else if (ordered) {  // ordered deterministic mode: this key block's turn on these rows
                         if (sreg_tid() == 128) {
                             int pt, rank;
                             ordered_turn<BM, BN>(nb, m0 / BM, sreg_nctaid_x(), sq, sk, wr, p.num_splits == 2, pt, rank);
@@ -795,7 +850,10 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                             else red_add_v4(dst + 8 * nt, dq[4 * nt + 0], dq[4 * nt + 1], y0, y1);
                         }
                     }
-                    if (ordered) {  // the hand-over: every consumer thread's reductions, then one release
+                    if (kHelper) {  // this warp's additions are issued: the hand-over thread releases them
+                        __syncwarp();
+                        if ((sm80::opaque(tid) & 31) == 0) mbar_arrive(done(g & 1));
+                    } else if (ordered) {  // the hand-over: every consumer thread's reductions, then one release
                         named_bar_sync(kBarSem, 256);
                         if (sreg_tid() == 128) red_release_add(sem_at(h, m0 / BM, part), 1);
                     }

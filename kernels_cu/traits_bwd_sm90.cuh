@@ -63,18 +63,22 @@ struct Sm90BwdTraits {
     static constexpr int kKeepWords = kBM / 64;
     static constexpr int kKeepBytes = kDropout ? 256 * kKeepWords * 4 : 0;
     static constexpr int kOffKeep = kOffVec + kStages * kVecBytes;
+    // kBulkDQ (d64 / d128 without dropout): the consumers stage their dQ tiles (64 rows x kNQ fp32 each) in
+    // one of two buffers for the producer's reducer warp, which adds them into dq_accum with bulk
+    // reductions (bwd_sm90.cu); rows of kNQ * 4 bytes, rotated (conflict-free stores). d256 has no room
+    // for them (its consumers add dQ with red.global.add).
+    static constexpr bool kBulkDQ = !kDropout && !kSplitD;
+    static constexpr int kDQRowBytes = kNQ * 4;
+    static constexpr int kStageBytes = 2 * 64 * kDQRowBytes;  // one buffer: both consumers' tiles
+    static constexpr int kOffStage = kOffKeep + kStages * kKeepBytes;
+    // two buffers where they fit beside the 1024 bytes of static shared memory (d128), else one (d64)
+    static constexpr int kStageBufs = 1024 + kOffStage + 2 * kStageBytes + 1024 <= 227 * 1024 ? 2 : 1;
     // + 1024: the dynamic window is aligned up to 1024 bytes (swizzle atoms) at run time.
-    static constexpr int kSmemBytes = 1024 + kOffKeep + kStages * kKeepBytes;
+    static constexpr int kSmemBytes = 1024 + kOffStage + (kBulkDQ ? kStageBufs * kStageBytes : 0);
     // kv_full, kv_empty, q_full[STAGES], q_empty[STAGES], (dropout) keep_full[STAGES]
     static constexpr int kBars = 2 + 2 * kStages + (kDropout ? kStages : 0);
     // fp32 accumulators per consumer thread: dK, dV live through the loop; S^T, dP^T per step.
     static constexpr int kAccRegs = 2 * (kDPerConsumer / 2) + 2 * (kQPerConsumer / 2);
-    // Without dropout a consumer stages its dQ tile (64 rows x kNQ fp32) in the step's Q / dO slot once its
-    // GEMMs are done, for the producer's reducer warp (bwd_sm90.cu): rows of kNQ * 4 bytes, each rotated by
-    // 32 (r % 8) bytes (conflict-free stores), in the halves of the slot it alone read (kSplitD: Q and dO
-    // columns 128 w ..; else the Q slot for consumer 0, the dO slot for consumer 1).
-    static constexpr int kDQRowBytes = kNQ * 4;
-    static_assert(64 * kDQRowBytes == kQBytes, "a consumer's dQ tile fills its share of the slot");
 
     static_assert(kD == 64 || kD == 128 || kD == 256, "head-dim bucket 64, 128 or 256");
     static_assert(!kSplitD || (kBM == 64 && !kDropout), "d256: BM 64, no dropout variant");
