@@ -62,23 +62,7 @@ class Sm90BwdTile:
         d, bm, bn, st = self.headdim_bucket, self.block_m, self.block_n, self.stages
         keep = bn * bm // 8 if self.dropout else 0
         staged = (4 if self.split_d else 2) * bn * bm * 2
-        base = 1024 + 2 * bn * d * 2 + 2 * st * bm * d * 2 + staged + st * 2 * bm * 4 + st * keep
-        return base + self.dq_buffers * self.dq_buffer_bytes
-
-    @property
-    def dq_buffer_bytes(self) -> int:
-        """One dQ staging buffer (kStageBytes): both consumers' 64 x kNQ fp32 tiles."""
-        return 2 * 64 * (self.headdim_bucket if self.block_m == 128 else self.headdim_bucket // 2) * 4
-
-    @property
-    def dq_buffers(self) -> int:
-        """kStageBufs where dQ goes through bulk reductions (kBulkDQ: no dropout, not d256), else 0: two
-        buffers where they fit beside 1024 bytes of static shared memory, else one."""
-        if self.dropout or self.split_d:
-            return 0
-        d, bm, bn, st = self.headdim_bucket, self.block_m, self.block_n, self.stages
-        base = 1024 + 2 * bn * d * 2 + 2 * st * bm * d * 2 + 2 * bn * bm * 2 + st * 2 * bm * 4
-        return 2 if base + 2 * self.dq_buffer_bytes + 1024 <= 227 * 1024 else 1
+        return 1024 + 2 * bn * d * 2 + 2 * st * bm * d * 2 + staged + st * 2 * bm * 4 + st * keep
 
     @property
     def flops_per_step(self) -> int:

@@ -121,15 +121,12 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     constexpr int kKSN = BN / 16;  // k-steps over the keys (dQ)
     constexpr int kNQ = Tr::kNQ;
     extern __shared__ __align__(1024) unsigned char smem[];
-    // kBulkDQ (Tr::kBulkDQ: d64 / d128 without dropout): the consumers stage dQ in shared memory (two
-    // buffers) and warp 1 of the producer warpgroup adds it into dq_accum with bulk reductions (and, in the
-    // ordered mode, takes the hand-overs). Otherwise the consumers add dQ themselves with red.global.add;
-    // kHelper (d256 ordered, no dropout): warp 1 then takes the hand-overs of those additions off them.
-    constexpr bool kBulkDQ = Tr::kBulkDQ;
-    constexpr bool kHelper = (MODE & kModeOrdered) && !DROPOUT && !kBulkDQ;
-    constexpr int kProducerRegs = Tr::kProducerRegs;
-    constexpr int kConsumerRegs = Tr::kConsumerRegs;
-    __shared__ __align__(8) u64 bars[Tr::kBars + 4];
+    // kHelper (the ordered mode without dropout): warp 1 of the producer warpgroup takes the hand-overs of
+    // the dQ additions off the consumers (below); it needs the dropout variants' register split.
+    constexpr bool kHelper = (MODE & kModeOrdered) && !DROPOUT;
+    constexpr int kProducerRegs = kHelper ? 40 : Tr::kProducerRegs;
+    constexpr int kConsumerRegs = kHelper ? 232 : Tr::kConsumerRegs;
+    __shared__ __align__(8) u64 bars[Tr::kBars + (kHelper ? 4 : 0)];
     // seqlen_q, seqlen_k, nheads, nheads_k, batch, window_left, window_right: the producer re-reads them
     // from here (volatile) instead of holding them (see fwd_sm90.cu).
     __shared__ int shape_s[7];
@@ -145,22 +142,10 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     auto q_full = [&](int s) { return bar0 + 8u * (2 + s); };
     auto q_empty = [&](int s) { return bar0 + 8u * (2 + STAGES + s); };
     auto keep_full = [&](int s) { return bar0 + 8u * (2 + 2 * STAGES + s); };  // DROPOUT only
-    // kBulkDQ: dq_full(t) completes when the 8 consumer warps have staged a step's dQ tiles in buffer t (of
-    // kNB: step g uses g % kNB), dq_empty(t) when the reducer's bulk reductions have read them.
     // kHelper: turn(t) completes when the step of parity t may add its dQ (the helper saw the counter),
-    // done(t) when the 8 consumer warps have issued their additions of that step.
-    auto dq_full = [&](int t) { return bar0 + 8u * (Tr::kBars + t); };
-    auto dq_empty = [&](int t) { return bar0 + 8u * (Tr::kBars + 2 + t); };
-    auto turn = dq_full;
-    auto done = dq_empty;
-    // kBulkDQ: shared-memory address of row r (0..63) of consumer w's staged dQ tile in buffer t. Rows are
-    // kNQ fp32 as in dq_accum, each rotated by 2 (r % 8) 16-byte units, so that a warp's 8-byte stores (8
-    // rows x 32 bytes) hit 4 distinct bank windows: no conflicts; a rotated row is two bulk operations.
-    constexpr int kDQChunks = Tr::kDQRowBytes / 16;
-    constexpr int kNB = Tr::kStageBufs;
-    auto dq_row = [&](int t, int w, int r) -> u32 {
-        return s0 + Tr::kOffStage + t * Tr::kStageBytes + (w * 64 + r) * Tr::kDQRowBytes;
-    };
+    // done(t) when the 8 consumer warps have issued their additions of that step
+    auto turn = [&](int t) { return bar0 + 8u * (Tr::kBars + t); };
+    auto done = [&](int t) { return bar0 + 8u * (Tr::kBars + 2 + t); };
 
     // The first key block of this block (kModeOrdered: the last key block first) and the walk's pivot.
     auto first_kb = [] {
@@ -188,9 +173,11 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
             mbar_init(q_empty(s), 8);
             if (DROPOUT) mbar_init(keep_full(s), 96);  // every thread of the three RNG warps
         }
-        for (int t = 0; t < 2; ++t) {
-            mbar_init(dq_full(t), kBulkDQ ? 8 : 1);  // (kHelper: turn)
-            mbar_init(dq_empty(t), kBulkDQ ? 1 : 8);  // (kHelper: done)  (kNB = 1: buffer 0 only)
+        if (kHelper) {
+            for (int t = 0; t < 2; ++t) {
+                mbar_init(turn(t), 1);
+                mbar_init(done(t), 8);
+            }
         }
         mbar_init_fence();
     }
@@ -245,73 +232,6 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                         const i64 plane = (i64)fresh(4) * fresh(2) * sq_pad;
                         bulk_load(sVec + s * Tr::kVecBytes, p.dsum + plane + row, BM * 4, q_full(s));       // L
                         bulk_load(sVec + s * Tr::kVecBytes + BM * 4, p.dsum + row, BM * 4, q_full(s));      // D
-                    }
-                }
-            }
-        } else if (kBulkDQ && sreg_tid() >= 32 && sreg_tid() < 64) {
-            // ---- the dQ reducer (warp 1; kBulkDQ) -------------------------------------------------------------
-            // Per step, in the consumers' order: wait for the step's staged dQ tiles (dq_full), in the ordered
-            // mode for this block's turn on the step's counter (lane 0), add the 2 x 64 rows into dq_accum
-            // with bulk reductions (a lane per row; a rotated row is two operations), free the buffer once
-            // they have read it (dq_empty), and in the ordered mode raise the counter once they have
-            // completed (GPU-scope release). Deterministic modes wait for completion before the next step's
-            // additions (bulk operations in flight have no order among themselves).
-            auto fresh = [&](int i) { return *static_cast<const volatile int*>(&shape_s[i]); };
-            const int rl = sreg_tid() & 31;
-            int g = 0;
-            for (int nb = first_kb(); nb * BN < fresh(1); nb += sreg_nctaid_x()) {
-                int m_first, n_m;
-                query_block_range<BM, BN>(nb * BN, fresh(0), fresh(1), fresh(5), fresh(6), m_first, n_m);
-                const int group = fresh(2) / fresh(3);
-                for (int it = 0; it < n_m * group; ++it, ++g) {
-                    const int hi = it / n_m;
-                    const int m0 = step_m(it - hi * n_m, m_first, n_m,
-                                          pivot_of(nb, fresh(0), fresh(1), fresh(6), m_first)) * BM;
-                    const int h = sreg_ctaid().y * group + hi;
-                    const i64 sq_pad = (i64)((fresh(0) + 127) / 128 * 128);
-                    int part = 0, rank = 0;
-                    int* cnt = nullptr;
-                    if constexpr ((MODE & kModeOrdered) != 0) {
-                        ordered_turn<BM, BN>(nb, m0 / BM, sreg_nctaid_x(), fresh(0), fresh(1), fresh(6), p.num_splits == 2,
-                                             part, rank);
-                        cnt = p.counters
-                            + (((i64)sreg_ctaid().z * fresh(2) + h) * ((fresh(0) + BM - 1) / BM) + m0 / BM) * p.num_splits
-                            + part;
-                    } else {
-                        part = p.num_splits > 1 ? (int)sreg_ctaid_x() : 0;  // deterministic split mode: its copy
-                    }
-                    mbar_wait(dq_full(g % kNB), (g / kNB) & 1);
-                    if constexpr ((MODE & kModeOrdered) != 0) {
-                        if (rl == 0) sem_wait(cnt, rank);
-                        __syncwarp();
-                        fence_proxy_async_global();
-                    }
-                    if (!(MODE & (kModeNoDQ | kModeNoRed))) {
-                        float* const base = p.dq_accum + (i64)part * fresh(4) * fresh(2) * sq_pad * D
-                                          + (((i64)sreg_ctaid().z * fresh(2) + h) * sq_pad + m0) * D;
-                        for (int t = rl; t < 128; t += 32) {
-                            const int w = t >> 6, r = t & 63, rot = (2 * (r & 7)) % kDQChunks;
-                            float* const dst = base + (i64)(Tr::kDQByRows ? 64 * w + r : r) * D + (Tr::kDQByRows ? 0 : kNQ * w);
-                            const u32 src = dq_row(g % kNB, w, r);
-                            // chunks 0 .. kDQChunks - rot - 1 of the row sit at rot.., the others at 0..
-                            bulk_reduce_add_f32(dst, src + 16 * rot, 16 * (kDQChunks - rot));
-                            if (rot) bulk_reduce_add_f32(dst + 4 * (kDQChunks - rot), src, 16 * rot);
-                        }
-                        bulk_commit();
-                    }
-                    if (p.deterministic) {  // complete before the next step's additions; buffer read
-                        bulk_wait<0>();
-                        __syncwarp();
-                        if (rl == 0) mbar_arrive(dq_empty(g % kNB));
-                    } else {  // step g - kNB + 1's buffer read (kNB steps' additions in flight)
-                        bulk_wait_read<kNB - 1>();
-                        __syncwarp();
-                        if (rl == 0 && g >= kNB - 1) mbar_arrive(dq_empty((g - kNB + 1) % kNB));
-                    }
-                    if constexpr ((MODE & kModeOrdered) != 0) {
-                        fence_proxy_async_global();
-                        __syncwarp();
-                        if (rl == 0) red_release_add(cnt, 1);
                     }
                 }
             }
@@ -469,6 +389,7 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
     };
 
     int g = 0;    // steps consumed so far (ring position and phase; dS buffer parity)
+    int kbl = 0;  // key blocks consumed so far
     for (int nb = first_kb(); nb * BN < sk; nb += sreg_nctaid_x()) {
         const int n0 = nb * BN;
         const int kw0 = n0 + (kSplitD ? 0 : 64 * cw);  // first key of this consumer
@@ -494,15 +415,6 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
         }
 
         if (n_iter > 0) {
-            // K / V phase: the key blocks with steps before this one in the block's sequence (counted here
-            // rather than carried through the loop: a register less in the steps; one block per key
-            // block unless deterministic split mode)
-            int kbl = 0;
-            for (int x = first_kb(); x < nb; x += sreg_nctaid_x()) {
-                int mf, nm;
-                query_block_range<BM, BN>(x * BN, sq, sk, wl, wr, mf, nm);
-                kbl += nm > 0;
-            }
             mbar_wait(kv_full, kbl & 1);
             int hi = 0, mi = 0;
             for (int it = 0; it < n_iter; ++it, ++g) {
@@ -789,77 +701,53 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
                     fence_regs<kKSP * 4>(&da[0][0]);
                 }
                 if (!(MODE & kModeNoDQ)) fence_regs<kNQ / 2>(dq);
-                if constexpr (kBulkDQ) {
-                    // ---- dQ -> staging buffer g % kNB (rows rotated, see dq_row) for the reducer warp -------
-                    release(q_empty(s));
-                    if (g >= kNB) mbar_wait(dq_empty(g % kNB), ((g / kNB) & 1) ^ 1);  // step g - kNB's tiles read
-                    if (!(MODE & kModeNoDQ)) {
-                        // rows r and r + 8 (same rotation, same half of the slot), chunk 2 nt + tq / 2
-                        const int ft = sm80::opaque(tid);  // lane math recomputed here, not held across the loop
-                        const int r = 16 * (warp & 3) + ((ft & 31) >> 2);
-                        const u32 row = dq_row(g % kNB, cw, r) + 8 * (ft & 1);
-                        const int c0 = ((ft & 3) >> 1) + 2 * (r & 7);
-#pragma unroll
-                        for (int nt = 0; nt < kNQ / 8; ++nt) {
-                            const u32 a = row + 16 * ((2 * nt + c0) % kDQChunks);
-#pragma unroll
-                            for (int hh = 0; hh < 2; ++hh)
-                                asm volatile("st.shared.v2.f32 [%0], {%1, %2};"
-                                             ::"r"(a + 8 * hh * Tr::kDQRowBytes), "f"(dq[4 * nt + 2 * hh]),
-                                             "f"(dq[4 * nt + 2 * hh + 1]) : "memory");
-                        }
-                    }
-                    fence_proxy_async();
-                    __syncwarp();
-                    if ((sm80::opaque(tid) & 31) == 0) mbar_arrive(dq_full(g % kNB));
-                } else {
-                    release(q_empty(s));
+                release(q_empty(s));
 
-                    // Ordered deterministic mode (the host passes counters with kModeOrdered only). A run-time
-                    // test: as a compile-time one (the code gone from MODE 0), ptxas (NVRTC 13.0) spills 8 - 12
-                    // bytes in the MODE 0 dropout variants.
-                    const bool ordered = p.deterministic && p.counters != nullptr;
-                    // ordered: the dq_accum plane of this step (1: a lower-part visit with two planes)
-                    const int part = ordered && p.num_splits == 2 && m0 < pivot * BM ? 1 : 0;
-                    if (kHelper) {
-                        mbar_wait(turn(g & 1), (g >> 1) & 1);  // the hand-over thread saw this block's turn
-                    } else if (ordered) {  // ordered deterministic mode: this key block's turn on these rows
-                        if (sreg_tid() == 128) {
-                            int pt, rank;
-                            ordered_turn<BM, BN>(nb, m0 / BM, sreg_nctaid_x(), sq, sk, wr, p.num_splits == 2, pt, rank);
-                            sem_wait(sem_at(h, m0 / BM, pt), rank);
-                        }
-                        named_bar_sync(kBarSem, 256);
+                // Ordered deterministic mode (the host passes counters with kModeOrdered only). A run-time
+                // test: as a compile-time one (the code gone from MODE 0), ptxas (NVRTC 13.0) spills 8 - 12
+                // bytes in the MODE 0 dropout variants.
+                const bool ordered = p.deterministic && p.counters != nullptr;
+                // ordered: the dq_accum plane of this step (1: a lower-part visit with two planes)
+                const int part = ordered && p.num_splits == 2 && m0 < pivot * BM ? 1 : 0;
+                if (kHelper) {
+                    mbar_wait(turn(g & 1), (g >> 1) & 1);  // the hand-over thread saw this block's turn
+                } else if (ordered) {  // ordered deterministic mode: this key block's turn on these rows
+                    if (sreg_tid() == 128) {
+                        int pt, rank;
+                        ordered_turn<BM, BN>(nb, m0 / BM, sreg_nctaid_x(), sq, sk, wr, p.num_splits == 2, pt, rank);
+                        sem_wait(sem_at(h, m0 / BM, pt), rank);
                     }
-                    if (!(MODE & (kModeNoDQ | kModeNoRed))) {
-                        // ---- dQ -> dq_accum: lane pairs (tq, tq ^ 1) swap halves for 16-byte reductions ---------
-                        // even tq: row wrow, columns 4 (tq / 2) .. + 3 of each n8 tile; odd tq: row wrow + 8.
-                        const int ft = sm80::opaque(tid);  // lane math recomputed here, not held across the loop
-                        const bool odd = ft & 1;
-                        const int row = m0 + (Tr::kDQByRows ? 64 * cw : 0) + 16 * (warp & 3) + ((ft & 31) >> 2) + (odd ? 8 : 0);
-                        float* dst = p.dq_accum + (ordered ? part * (i64)p.batch * p.nheads * sq_pad * D
-                                                           : p.num_splits > 1 ? (i64)sreg_ctaid_x() * p.batch * p.nheads * sq_pad * D : (i64)0)
-                                   + (((i64)b * p.nheads + h) * sq_pad + row) * D + (Tr::kDQByRows ? 0 : kNQ * cw) + 4 * ((ft & 3) >> 1);
+                    named_bar_sync(kBarSem, 256);
+                }
+                if (!(MODE & (kModeNoDQ | kModeNoRed))) {
+                    // ---- dQ -> dq_accum: lane pairs (tq, tq ^ 1) swap halves for 16-byte reductions ---------
+                    // even tq: row wrow, columns 4 (tq / 2) .. + 3 of each n8 tile; odd tq: row wrow + 8.
+                    const int ft = sm80::opaque(tid);  // lane math recomputed here, not held across the loop
+                    const bool odd = ft & 1;
+                    const int row = m0 + (Tr::kDQByRows ? 64 * cw : 0) + 16 * (warp & 3) + ((ft & 31) >> 2) + (odd ? 8 : 0);
+                    float* dst = p.dq_accum + (ordered ? part * (i64)p.batch * p.nheads * sq_pad * D
+                                                       : p.num_splits > 1 ? (i64)sreg_ctaid_x() * p.batch * p.nheads * sq_pad * D : (i64)0)
+                               + (((i64)b * p.nheads + h) * sq_pad + row) * D + (Tr::kDQByRows ? 0 : kNQ * cw) + 4 * ((ft & 3) >> 1);
 #pragma unroll
-                        for (int nt = 0; nt < kNQ / 8; ++nt) {
-                            const float x0 = odd ? dq[4 * nt + 0] : dq[4 * nt + 2];
-                            const float x1 = odd ? dq[4 * nt + 1] : dq[4 * nt + 3];
-                            const float y0 = __shfl_xor_sync(0xffffffffu, x0, 1);
-                            const float y1 = __shfl_xor_sync(0xffffffffu, x1, 1);
-                            if (odd) red_add_v4(dst + 8 * nt, y0, y1, dq[4 * nt + 2], dq[4 * nt + 3]);
-                            else red_add_v4(dst + 8 * nt, dq[4 * nt + 0], dq[4 * nt + 1], y0, y1);
-                        }
+                    for (int nt = 0; nt < kNQ / 8; ++nt) {
+                        const float x0 = odd ? dq[4 * nt + 0] : dq[4 * nt + 2];
+                        const float x1 = odd ? dq[4 * nt + 1] : dq[4 * nt + 3];
+                        const float y0 = __shfl_xor_sync(0xffffffffu, x0, 1);
+                        const float y1 = __shfl_xor_sync(0xffffffffu, x1, 1);
+                        if (odd) red_add_v4(dst + 8 * nt, y0, y1, dq[4 * nt + 2], dq[4 * nt + 3]);
+                        else red_add_v4(dst + 8 * nt, dq[4 * nt + 0], dq[4 * nt + 1], y0, y1);
                     }
-                    if (kHelper) {  // this warp's additions are issued: the hand-over thread releases them
-                        __syncwarp();
-                        if ((sm80::opaque(tid) & 31) == 0) mbar_arrive(done(g & 1));
-                    } else if (ordered) {  // the hand-over: every consumer thread's reductions, then one release
-                        named_bar_sync(kBarSem, 256);
-                        if (sreg_tid() == 128) red_release_add(sem_at(h, m0 / BM, part), 1);
-                    }
+                }
+                if (kHelper) {  // this warp's additions are issued: the hand-over thread releases them
+                    __syncwarp();
+                    if ((sm80::opaque(tid) & 31) == 0) mbar_arrive(done(g & 1));
+                } else if (ordered) {  // the hand-over: every consumer thread's reductions, then one release
+                    named_bar_sync(kBarSem, 256);
+                    if (sreg_tid() == 128) red_release_add(sem_at(h, m0 / BM, part), 1);
                 }
             }
             release(kv_empty);  // the last step's MMAs (the last to read K and V) have retired
+            ++kbl;
         }
 
         // ---- epilogue: dK * scale and dV in T, straight from the fragments ------------------------------

@@ -40,11 +40,11 @@ struct Sm90BwdTraits {
     static constexpr int kQPerConsumer = kSplitD ? BM_ / 2 : BM_;  // S^T / dP^T query columns
     static constexpr int kStages = STAGES_;
     static constexpr int kThreads = 384;
-    // setmaxnreg: the producer warpgroup keeps 40 registers (its warp 1 adds dQ into dq_accum; with dropout
-    // warps 1 - 3 run Philox instead), the two consumers 232 each.
+    // setmaxnreg: the producer keeps 24 registers, the two consumers 240 each; with dropout the producer's
+    // RNG warps run Philox and keep 40, the consumers 232.
     static constexpr bool kDropout = DROPOUT_;
-    static constexpr int kProducerRegs = 40;
-    static constexpr int kConsumerRegs = 232;
+    static constexpr int kProducerRegs = kDropout ? 40 : 24;
+    static constexpr int kConsumerRegs = kDropout ? 232 : 240;
     static constexpr int kChunks = kD / 64;
     static constexpr bool kDQByRows = kBM == 128;         // dQ split between the consumers by rows
     static constexpr int kNQ = kDQByRows ? kD : kD / 2;   // dQ columns per consumer
@@ -63,18 +63,8 @@ struct Sm90BwdTraits {
     static constexpr int kKeepWords = kBM / 64;
     static constexpr int kKeepBytes = kDropout ? 256 * kKeepWords * 4 : 0;
     static constexpr int kOffKeep = kOffVec + kStages * kVecBytes;
-    // kBulkDQ (d64 / d128 without dropout): the consumers stage their dQ tiles (64 rows x kNQ fp32 each) in
-    // one of two buffers for the producer's reducer warp, which adds them into dq_accum with bulk
-    // reductions (bwd_sm90.cu); rows of kNQ * 4 bytes, rotated (conflict-free stores). d256 has no room
-    // for them (its consumers add dQ with red.global.add).
-    static constexpr bool kBulkDQ = !kDropout && !kSplitD;
-    static constexpr int kDQRowBytes = kNQ * 4;
-    static constexpr int kStageBytes = 2 * 64 * kDQRowBytes;  // one buffer: both consumers' tiles
-    static constexpr int kOffStage = kOffKeep + kStages * kKeepBytes;
-    // two buffers where they fit beside the 1024 bytes of static shared memory (d128), else one (d64)
-    static constexpr int kStageBufs = 1024 + kOffStage + 2 * kStageBytes + 1024 <= 227 * 1024 ? 2 : 1;
     // + 1024: the dynamic window is aligned up to 1024 bytes (swizzle atoms) at run time.
-    static constexpr int kSmemBytes = 1024 + kOffStage + (kBulkDQ ? kStageBufs * kStageBytes : 0);
+    static constexpr int kSmemBytes = 1024 + kOffKeep + kStages * kKeepBytes;
     // kv_full, kv_empty, q_full[STAGES], q_empty[STAGES], (dropout) keep_full[STAGES]
     static constexpr int kBars = 2 + 2 * kStages + (kDropout ? kStages : 0);
     // fp32 accumulators per consumer thread: dK, dV live through the loop; S^T, dP^T per step.
@@ -100,24 +90,6 @@ __device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                  ::"r"(dst), "l"(src), "r"(bytes), "r"(bar)
                  : "memory");
-}
-
-// Bulk reduction (TMA): adds `bytes` (a multiple of 16) of fp32 from shared memory into global memory
-// (16-byte aligned), as one operation of this thread's current bulk group.
-__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, u32 src, u32 bytes) {
-    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
-                 ::"l"(dst), "r"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
-// This thread's bulk groups: all but N have read their shared-memory source / have completed.
-template <int N> __device__ __forceinline__ void bulk_wait_read() {
-    asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
-}
-template <int N> __device__ __forceinline__ void bulk_wait() {
-    asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void fence_proxy_async_global() {
-    asm volatile("fence.proxy.async.global;" ::: "memory");
 }
 
 // fp32 reductions into global memory: 2 or 4 adjacent floats (8- / 16-byte aligned), one vector red.
