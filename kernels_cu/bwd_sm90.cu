@@ -31,7 +31,10 @@
 // program order). The math is bwd_common.cuh's (P from the forward's LSE, dS = P (dP - D)
 // [* (1 - tanh^2) with softcap]).
 //
-// One block of 384 threads owns BN = 128 keys of one (kv head, batch) (traits_bwd_sm90.cuh):
+// One block of 384 threads owns BN = 128 keys of one (kv head, batch) (traits_bwd_sm90.cuh; d256, kSplitD:
+// BN = 64 keys, and the consumers split the head dim instead of the keys: each computes S^T / dP^T for
+// all 64 keys and half the queries, both stage P^T and dS^T in shared memory, then each runs dV, dK
+// (wgmma ss, A K-major from those buffers) and dQ on its 128 columns; no dropout variant):
 //
 //   * Producer (warpgroup 0, one thread; setmaxnreg 24): K and V of the key block once (TMA, kv_full;
 //     refilled for the next key block of a deterministic split after kv_empty), then per step (query block
