@@ -42,6 +42,19 @@ def _outs(n: int) -> str:
     return ", ".join(f'"+f"(d[{i}])' for i in range(n))
 
 
+def _ss(name: str, nd: int, shape: str, trans_a: int, trans_b: int) -> str:
+    """A wrapper with both operands in shared memory; ``trans_a`` / ``trans_b``: the instruction's
+    imm-trans-a / imm-trans-b (1: M-major A / N-major B)."""
+    return f"""
+    static __device__ __forceinline__ void {name}(float* d, u64 a_desc, u64 b_desc, int accumulate) {{
+        asm volatile(
+            "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
+            "wgmma.mma_async.sync.aligned.{shape} {{{_regs(nd, 0)}}}, %{nd}, %{nd + 1}, p, 1, 1, {trans_a}, {trans_b};\\n}}\\n"
+            : {_outs(nd)}
+            : "l"(a_desc), "l"(b_desc), "r"(accumulate));
+    }}"""
+
+
 def render() -> str:
     out = [HEAD]
     for ctype, ptx in TYPES:
@@ -49,14 +62,7 @@ def render() -> str:
             nd = n // 2
             shape = f"m64n{n}k16.f32.{ptx}.{ptx}"
             out.append(f"""
-template <> struct Wgmma<{ctype}, {n}> {{
-    static __device__ __forceinline__ void ss(float* d, u64 a_desc, u64 b_desc, int accumulate) {{
-        asm volatile(
-            "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
-            "wgmma.mma_async.sync.aligned.{shape} {{{_regs(nd, 0)}}}, %{nd}, %{nd + 1}, p, 1, 1, 0, 0;\\n}}\\n"
-            : {_outs(nd)}
-            : "l"(a_desc), "l"(b_desc), "r"(accumulate));
-    }}
+template <> struct Wgmma<{ctype}, {n}> {{{_ss("ss", nd, shape, 0, 0)}
     static __device__ __forceinline__ void rs_nmajor_b(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 b_desc,
                                                        int accumulate) {{
         asm volatile(
@@ -65,21 +71,7 @@ template <> struct Wgmma<{ctype}, {n}> {{
             "%{nd + 4}, p, 1, 1, 1;\\n}}\\n"
             : {_outs(nd)}
             : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(b_desc), "r"(accumulate));
-    }}
-    static __device__ __forceinline__ void ss_mnmajor(float* d, u64 a_desc, u64 b_desc, int accumulate) {{
-        asm volatile(
-            "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
-            "wgmma.mma_async.sync.aligned.{shape} {{{_regs(nd, 0)}}}, %{nd}, %{nd + 1}, p, 1, 1, 1, 1;\\n}}\\n"
-            : {_outs(nd)}
-            : "l"(a_desc), "l"(b_desc), "r"(accumulate));
-    }}
-    static __device__ __forceinline__ void ss_nmajor_b(float* d, u64 a_desc, u64 b_desc, int accumulate) {{
-        asm volatile(
-            "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
-            "wgmma.mma_async.sync.aligned.{shape} {{{_regs(nd, 0)}}}, %{nd}, %{nd + 1}, p, 1, 1, 0, 1;\\n}}\\n"
-            : {_outs(nd)}
-            : "l"(a_desc), "l"(b_desc), "r"(accumulate));
-    }}
+    }}{_ss("ss_mnmajor", nd, shape, 1, 1)}{_ss("ss_nmajor_b", nd, shape, 0, 1)}
 }};
 """)
     out.append("\n}  // namespace sm90\n}  // namespace cuflash\n")

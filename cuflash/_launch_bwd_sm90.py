@@ -12,12 +12,13 @@ bucket D for every head dim this path takes)::
     bwd_sm80_dq_convert<T>            dq = scale * (sum of the dq_accum splits)
 
 ``supports(run)``: fp16 / bf16 on sm_90a (with or without dropout; not dropout with softcap or ALiBi at
-d64), head dims whose 32-rounding is a bucket here (33..64, 97..128 and 225..256, no dropout at 225..256: the sm80 path's dq_accum row length is then the bucket), operands the copy engine can
-address, and everything ``_launch_bwd_sm80.supports`` requires (the fallback). Other runs take the sm80
-path. ``CUFLASH_DISABLE_SM90=1`` or ``CUFLASH_DISABLE_SM90_BWD=1`` turns this path off;
-``CUFLASH_BWD_SM90_MODE=<int>`` launches another variant (bwd_sm90.cu, MODE bits: 1 skips dQ, 16 only its reductions, 2 skips
-dK / dV (wrong results, for timing and bisecting only), 4 the experimental overlapped schedule (correct
-results; serialised wgmma / spills today, see bwd_sm90.cu)).
+d64, nor dropout at d256), head dims whose 32-rounding is a bucket here (33..64, 97..128, 225..256: the
+sm80 path's dq_accum row length is then the bucket), operands the copy engine can address, and
+everything ``_launch_bwd_sm80.supports`` requires (the fallback). Other runs take the sm80 path.
+``CUFLASH_DISABLE_SM90=1`` or ``CUFLASH_DISABLE_SM90_BWD=1`` turns this path off;
+``CUFLASH_BWD_SM90_MODE=<int>`` launches another variant (bwd_sm90.cu, MODE bits: 1 skips dQ, 16 only
+its additions into dq_accum, 2 skips dK / dV (wrong results, for timing and bisecting only), 4 the
+experimental overlapped schedule (correct results; serialised wgmma / spills today, see bwd_sm90.cu)).
 """
 
 from __future__ import annotations

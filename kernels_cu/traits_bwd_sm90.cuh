@@ -35,7 +35,6 @@ struct Sm90BwdTraits {
     static constexpr int kBM = BM_;
     static constexpr bool kSplitD = D_ == 256;        // consumers split the head dim (see above)
     static constexpr int kBN = kSplitD ? 64 : 128;
-    static constexpr int kKeysPerConsumer = kSplitD ? kBN : 64;
     static constexpr int kDPerConsumer = kSplitD ? D_ / 2 : D_;  // dK / dV columns of one consumer
     static constexpr int kQPerConsumer = kSplitD ? BM_ / 2 : BM_;  // S^T / dP^T query columns
     static constexpr int kStages = STAGES_;
