@@ -45,11 +45,12 @@ def _outs(n: int) -> str:
 def _ss(name: str, nd: int, shape: str, trans_a: int, trans_b: int) -> str:
     """A wrapper with both operands in shared memory; ``trans_a`` / ``trans_b``: the instruction's
     imm-trans-a / imm-trans-b (1: M-major A / N-major B)."""
+    instr = f"wgmma.mma_async.sync.aligned.{shape} {{{_regs(nd, 0)}}}, %{nd}, %{nd + 1}, p, 1, 1, {trans_a}, {trans_b};"
     return f"""
     static __device__ __forceinline__ void {name}(float* d, u64 a_desc, u64 b_desc, int accumulate) {{
         asm volatile(
             "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nd + 2}, 0;\\n"
-            "wgmma.mma_async.sync.aligned.{shape} {{{_regs(nd, 0)}}}, %{nd}, %{nd + 1}, p, 1, 1, {trans_a}, {trans_b};\\n}}\\n"
+            "{instr}\\n}}\\n"
             : {_outs(nd)}
             : "l"(a_desc), "l"(b_desc), "r"(accumulate));
     }}"""
