@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--outdir", default=".")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time plain reads of the same K and V bytes (read_floor kernels: 128-bit loads, "
+                         "no math; blocks = SMs x 1..8) and a device-to-device copy of them: the floor")
     ap.add_argument("--flush", default="memset,read",
                     help="L2 flush before each call: memset (zero_ of 256 MiB: leaves L2 dirty, as do_bench), "
                          "read (a sum over 256 MiB: L2 full of clean lines), none")
@@ -97,6 +100,8 @@ def main(argv=None) -> int:
                         with sdpa_kernel([be]):
                             return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
                     impls.append((name, fn))
+            if args.floor:
+                impls += floor_impls(torch, k, v)
             for name, fn in impls:
                 try:
                     for _ in range(3):
@@ -126,6 +131,46 @@ def main(argv=None) -> int:
 
 
 COPY_GBPS = 3033.0   # H100 device-to-device copy bandwidth measured by bench_attention.py (session 4)
+
+
+READ_FLOOR_SRC = r"""
+extern "C" __global__ void read_floor(const uint4* __restrict__ a, const uint4* __restrict__ b, long long n4,
+                                      unsigned* out) {
+    // Every 16-byte word of a and b once, four loads in flight per thread; the xor keeps them live.
+    unsigned acc = 0u;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (int t = 0; t < 2; ++t) {
+        const uint4* p = t == 0 ? a : b;
+        long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+        for (; i + 3 * stride < n4; i += 4 * stride) {
+            const uint4 x0 = p[i], x1 = p[i + stride], x2 = p[i + 2 * stride], x3 = p[i + 3 * stride];
+            acc ^= x0.x ^ x0.y ^ x0.z ^ x0.w ^ x1.x ^ x1.y ^ x1.z ^ x1.w ^ x2.x ^ x2.y ^ x2.z ^ x2.w ^
+                   x3.x ^ x3.y ^ x3.z ^ x3.w;
+        }
+        for (; i < n4; i += stride) acc ^= p[i].x ^ p[i].y ^ p[i].z ^ p[i].w;
+    }
+    if (acc == 0x9e3779b9u) out[0] = acc;  // (practically never: no store traffic)
+}
+"""
+
+
+def floor_impls(torch, k, v):
+    """Plain reads of k and v (the decode call's bytes) at several grid sizes, and a copy of them."""
+    import cupy
+
+    kern = cupy.RawKernel(READ_FLOOR_SRC, "read_floor")
+    ka, va = cupy.asarray(k).view(cupy.uint8), cupy.asarray(v).view(cupy.uint8)
+    n4 = ka.size // 16
+    out = cupy.zeros(1, cupy.uint32)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    impls = []
+    for mult in (1, 2, 4, 8):
+        def fn(mult=mult):
+            kern((sms * mult,), (512,), (ka, va, cupy.int64(n4), out))
+        impls.append((f"read x{mult}", fn))
+    kc, vc = torch.empty_like(k), torch.empty_like(v)
+    impls.append(("copy", lambda: (kc.copy_(k), vc.copy_(v))))
+    return impls
 
 
 def profile_one(torch, profile, ProfilerActivity, fn, flush, n):

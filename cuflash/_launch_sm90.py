@@ -29,7 +29,8 @@ class Sm90Tile:
     stages: int
     consumers: int = 2       # consumer warpgroups of 64 query rows each (2 or 3)
     pingpong: bool = True    # consumers take turns issuing MMAs (named barriers)
-    sched: int = 2           # consumer order per tile: 0 serial, 1 overlap, 2 batched (fwd_sm90.cu kSched*)
+    sched: int = 2           # consumer order per tile: 0 serial, 1 overlap, 2 batched, 3 / 4 = 1 / 2 with
+                             # O's rescale deferred to the next turn (fwd_sm90.cu kSched*)
     persist: bool = True     # min(tiles, SMs) blocks loop over work tiles (atomic tile counter)
     dropout: bool = False    # the DROPOUT variant (Params::dropout_p > 0); needs block_n % 32 == 0
 
@@ -68,14 +69,17 @@ class Sm90Tile:
 # block per tile. Measured on the H100 (bf16, 16k tokens, hidden 2048, TFLOP/s at seqlen 4k / 16k
 # non-causal; benchmarks/NOTES.md "Hopper forward" has every variant):
 #   d64:  BN 128, 3 stages, ping-pong, batched: 423 / 437 (serial order 394 / 429; BN 192: 404 / 407)
-#   d128: BN 128, 2 stages, ping-pong, batched: 580 / 662 (serial 559 / 605; BN 176: 581 / 513)
-#   d256: BN 80, 2 stages, ping-pong, batched: 638 / 604 (serial 604 / 633; BN 64: 624 / 600)
+#   d128: BN 128, 2 stages, ping-pong, batched: 580 / 662 (serial 559 / 605; BN 176: 581 / 513); the
+#         overlap schedule +2-6% (session 3); its O rescale deferred to the next turn (sched 3) another
+#         +1.5% median over 6 cells, 5 interleaved rounds (session 9: 604 vs 590 at 4k)
+#   d256: BN 80, 2 stages, ping-pong, batched: 638 / 604 (serial 604 / 633; BN 64: 624 / 600); late
+#         rescale (sched 4) +1.3% median over 6 cells (session 9: 651 vs 630 at 4k)
 #   d192: not measured (BN 96 fits the same registers and 193 KB).
 SM90_FORWARD_TILES = {
     64: Sm90Tile(64, 128, 3),                    # 129 KB; two consumers: short causal (see below)
-    128: Sm90Tile(128, 128, 2, sched=1),         # 193 KB; intra-warpgroup overlap
+    128: Sm90Tile(128, 128, 2, sched=3),         # 193 KB; intra-warpgroup overlap, late O rescale
     192: Sm90Tile(192, 96, 2, persist=False),    # 193 KB
-    256: Sm90Tile(256, 80, 2, persist=False),    # 225 KB
+    256: Sm90Tile(256, 80, 2, sched=4, persist=False),  # 225 KB; batched, late O rescale
 }
 # Three consumer warpgroups (192 query rows, 160 registers each): at d64 the softmax takes longer than
 # the two GEMMs, so two warpgroups' softmax must hide behind the third's MMAs. Measured (same run,

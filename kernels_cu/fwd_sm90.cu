@@ -12,7 +12,8 @@
 //       S(j) = Q K(j)^T   wgmma, A = Q and B = K from shared memory (K-major, 128-byte swizzle),
 //       O += P(j-1) V(j-1) issued right behind it: P from registers as the A operand, V N-major,
 //       then the softmax of S(j) (SCHED picks the order and waits, see kSched*); O is rescaled by the
-//       new row maxima once P(j-1) V(j-1) has retired.
+//       new row maxima once P(j-1) V(j-1) has retired, or (the "late" schedules, the d128 / d256
+//       default) in the next turn, between the issue of S(j+1) and that of P(j) V(j).
 //     PINGPONG: the two consumers take turns issuing their MMAs (named barriers 1 and 2), so that one
 //     warpgroup's softmax overlaps the other's MMAs.
 //   * Shared memory: Q (128 x D) and the K / V slots (BN x D), each stored as D / 64 column blocks of
@@ -82,6 +83,10 @@ constexpr int kBarPingPong = 1;  // named barriers 1 .. NWG: consumer turns
 constexpr int kSchedSerial = 0;   // O += P(j-1) V(j-1); wait; S(j) = Q K(j)^T; wait; softmax(j)
 constexpr int kSchedOverlap = 1;  // S(j), O += P(j-1) V(j-1); wait S(j); softmax(j) beside P V; wait
 constexpr int kSchedBatched = 2;  // O += P(j-1) V(j-1), S(j) in one commit group; wait; softmax(j)
+// 3, 4: overlap, batched with O's rescale by tile j - 1's maxima deferred to turn j, between the issue of
+// S(j) and that of P(j-1) V(j-1) (while S(j) is in the tensor cores) instead of after the softmax.
+constexpr int kSchedOverlapLate = 3;
+constexpr int kSchedBatchedLate = 4;
 constexpr int kBarEpilogue = 8;  // named barriers 8 .. 8 + NWG - 1: one per consumer warpgroup
 
 // Key tiles visited for the query rows m0 .. m0 + bm - 1: nb_hi - 1 down to nb_lo (any row of the block
@@ -131,6 +136,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
     constexpr int kKS = D / 16;   // k-steps of S = Q K^T
     constexpr int kPS = BN / 16;  // k-steps of O += P V
     constexpr int kConsumerWarps = 4 * NWG;
+    constexpr bool kLate = SCHED == kSchedOverlapLate || SCHED == kSchedBatchedLate;
     static_assert(!DROPOUT || kNT % 4 == 0, "dropout: the quad splits the n8 tiles four ways (BN % 32 == 0)");
     extern __shared__ __align__(1024) unsigned char smem[];
     __shared__ __align__(8) u64 bars[Tr::kBars];
@@ -429,6 +435,8 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
             if (Tr::kOwnO && it == n_iter - 1) release(q_empty);
         };
 
+        // kLate: the rescale of O still owed for the last softmax (1: none; tile 0 leaves O at 0).
+        float corr_late[2] = {1.f, 1.f};
         if (n_iter > 0) {
             mbar_wait(q_full, qt & 1);
             {   // tile 0: S(0) and its softmax
@@ -477,7 +485,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     pack_p(sacc, it, pf);
                     rescale_o(corr);
                 }
-            } else if constexpr (SCHED == kSchedBatched) {
+            } else if constexpr (SCHED == kSchedBatched || SCHED == kSchedBatchedLate) {
                 // Both MMAs issued back to back (one turn keeps the tensor cores busy for both), then one
                 // wait, then the softmax (beside the other warpgroups' MMAs when PINGPONG).
                 for (int it = 1; it < n_iter; ++it) {
@@ -488,8 +496,15 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     mbar_wait(k_full(s), ((g + it) / STAGES) & 1);
                     turn_begin();
                     wgmma_fence();
-                    issue_pv(pf, sp);
-                    issue_qk(sacc, s);
+                    if constexpr (kLate) {
+                        issue_qk(sacc, s);
+                        rescale_o(corr_late);
+                        wgmma_fence();
+                        issue_pv(pf, sp);
+                    } else {
+                        issue_pv(pf, sp);
+                        issue_qk(sacc, s);
+                    }
                     wgmma_commit();
                     turn_end();
                     wgmma_wait<0>();
@@ -501,7 +516,12 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     release_q_after_qk(it);
                     softmax(sacc, it, corr);
                     pack_p(sacc, it, pf);
-                    rescale_o(corr);
+                    if constexpr (kLate) {
+                        corr_late[0] = corr[0];
+                        corr_late[1] = corr[1];
+                    } else {
+                        rescale_o(corr);
+                    }
                 }
             } else {
                 // kSchedOverlap: S(it) issued, then O += P(it-1) V(it-1); the softmax of S(it) runs while
@@ -519,6 +539,10 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     wgmma_fence();
                     issue_qk(sacc, s);
                     wgmma_commit();
+                    if constexpr (kLate) {
+                        rescale_o(corr_late);
+                        wgmma_fence();
+                    }
                     issue_pv(pf, sp);
                     wgmma_commit();
                     turn_end();
@@ -531,13 +555,19 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     fence_regs<D / 2>(o);
                     fence_regs<kPS * 4>(&pf[0][0]);
                     release(v_empty(sp));
-                    rescale_o(corr);
+                    if constexpr (kLate) {
+                        corr_late[0] = corr[0];
+                        corr_late[1] = corr[1];
+                    } else {
+                        rescale_o(corr);
+                    }
                     pack_p(sacc, it, pf);
                 }
             }
             {   // drain: O += P(last) V(last)
                 const int sp = (g + n_iter - 1) % STAGES;
                 mbar_wait(v_full(sp), ((g + n_iter - 1) / STAGES) & 1);
+                if constexpr (kLate) rescale_o(corr_late);
                 turn_begin();
                 wgmma_fence();
                 issue_pv(pf, sp);

@@ -137,6 +137,8 @@ VARIANTS = {
     "serial": lambda t: replace(t, sched=0),
     "batched": lambda t: replace(t, sched=2),
     "overlap": lambda t: replace(t, sched=1),
+    "overlap-late": lambda t: replace(t, sched=3),      # O's rescale deferred to the next turn
+    "batched-late": lambda t: replace(t, sched=4),
     "no-pingpong": lambda t: replace(t, pingpong=False),
     "three-consumers": lambda t: replace(t, consumers=3, persist=True, sched=2),
     "three-consumers-1blk": lambda t: replace(t, consumers=3, persist=False, sched=2),
