@@ -437,6 +437,15 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
 
         // kLate: the rescale of O still owed for the last softmax (1: none; tile 0 leaves O at 0).
         float corr_late[2] = {1.f, 1.f};
+        // After the softmax of a tile: rescale O now, or (kLate) owe it to the next turn.
+        auto settle_rescale = [&](const float (&corr)[2]) {
+            if constexpr (kLate) {
+                corr_late[0] = corr[0];
+                corr_late[1] = corr[1];
+            } else {
+                rescale_o(corr);
+            }
+        };
         if (n_iter > 0) {
             mbar_wait(q_full, qt & 1);
             {   // tile 0: S(0) and its softmax
@@ -516,12 +525,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     release_q_after_qk(it);
                     softmax(sacc, it, corr);
                     pack_p(sacc, it, pf);
-                    if constexpr (kLate) {
-                        corr_late[0] = corr[0];
-                        corr_late[1] = corr[1];
-                    } else {
-                        rescale_o(corr);
-                    }
+                    settle_rescale(corr);
                 }
             } else {
                 // kSchedOverlap: S(it) issued, then O += P(it-1) V(it-1); the softmax of S(it) runs while
@@ -555,12 +559,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     fence_regs<D / 2>(o);
                     fence_regs<kPS * 4>(&pf[0][0]);
                     release(v_empty(sp));
-                    if constexpr (kLate) {
-                        corr_late[0] = corr[0];
-                        corr_late[1] = corr[1];
-                    } else {
-                        rescale_o(corr);
-                    }
+                    settle_rescale(corr);
                     pack_p(sacc, it, pf);
                 }
             }
