@@ -29,6 +29,22 @@ def parse_sizes(s: str) -> list[int]:
     return [int(x[:-1]) * 1024 if x.lower().endswith("k") else int(x) for x in s.split(",") if x]
 
 
+def parse_env_variant(spec: str) -> tuple[str, dict]:
+    label, _, rest = spec.partition(":")
+    return label, dict(kv.split("=", 1) for kv in rest.split("+") if kv)
+
+
+def set_env(name: str, value: str) -> bool:
+    """Set (or, for "default", unset) an environment variable; whether it changed."""
+    if os.environ.get(name, "default") == value:
+        return False
+    if value == "default":
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    return True
+
+
 def kernels_of(trace_path: str) -> list[tuple[float, float, str]]:
     with open(trace_path) as f:
         tr = json.load(f)
@@ -46,6 +62,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlens", default="4k,16k,128k")
     ap.add_argument("--splits", default="0", help="cuflash num_splits values (0 = heuristic)")
     ap.add_argument("--tiles", default="default", help="CUFLASH_DECODE_TILE values ('default': the dispatcher's)")
+    ap.add_argument("--clusters", default="default",
+                    help="CUFLASH_DECODE_CLUSTER values ('default': the dispatcher's; 0: split-KV through "
+                         "fwd_combine, no cluster merge)")
+    ap.add_argument("--env-variant", action="append", default=[],
+                    help="LABEL:NAME=VALUE[+NAME=VALUE...]: also time cuflash with these environment variables "
+                         "(tuning knobs such as CUFLASH_DECODE_CLUSTER_POLICY); repeatable")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--outdir", default=".")
     ap.add_argument("--no-peers", action="store_true")
@@ -82,17 +104,21 @@ def main(argv=None) -> int:
             v = torch.randn(b, sk, KV_HEADS, D, device="cuda", dtype=torch.bfloat16, generator=g)
             nbytes = 2 * k.numel() * 2
             impls = []
+            env_variants = [("", {})] + [parse_env_variant(x) for x in args.env_variant]
+            env_names = {n for _, d in env_variants for n in d}
             for tile in [t for t in args.tiles.split(",") if t]:
-                for s in [int(x) for x in args.splits.split(",")]:
-                    def fn(s=s, tile=tile):
-                        if os.environ.get("CUFLASH_DECODE_TILE", "default") != tile:
-                            if tile == "default":
-                                os.environ.pop("CUFLASH_DECODE_TILE", None)
-                            else:
-                                os.environ["CUFLASH_DECODE_TILE"] = tile
-                            _api.clear_plan_cache()
-                        return cuflash.attention(q, k, v, num_splits=s)
-                    impls.append((f"cf s{s}" + ("" if tile == "default" else f" {tile}"), fn))
+                for cl in [c for c in args.clusters.split(",") if c]:
+                    for lbl, envs in env_variants if cl == "default" else env_variants[:1]:
+                        for s in [int(x) for x in args.splits.split(",")]:
+                            def fn(s=s, tile=tile, cl=cl, envs=envs):
+                                changed = set_env("CUFLASH_DECODE_TILE", tile) | set_env("CUFLASH_DECODE_CLUSTER", cl)
+                                for n in env_names:
+                                    changed |= set_env(n, envs.get(n, "default"))
+                                if changed:
+                                    _api.clear_plan_cache()
+                                return cuflash.attention(q, k, v, num_splits=s)
+                            impls.append((f"cf s{s}" + ("" if tile == "default" else f" {tile}")
+                                          + ("" if cl == "default" else " nocluster") + (f" {lbl}" if lbl else ""), fn))
             if not args.no_peers:
                 qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
                 for name, be in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):

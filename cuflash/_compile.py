@@ -297,10 +297,13 @@ def device_arch(device_id: int) -> str:
     return arch_for_capability(int(major), int(minor))
 
 
-def get_function(filename: str, name_expression: str, device_id: int, dynamic_smem: int = 0):
+def get_function(filename: str, name_expression: str, device_id: int, dynamic_smem: int = 0,
+                 attributes: tuple = ()):
     """The loaded kernel for the given device (compiling or loading from cache on first use).
 
-    ``dynamic_smem`` raises the function's dynamic shared-memory limit when it is above 48 KB.
+    ``dynamic_smem`` raises the function's dynamic shared-memory limit when it is above 48 KB;
+    ``attributes``: (CUfunction_attribute, value) pairs set on the function through the driver (e.g.
+    ``FUNC_ATTR_NON_PORTABLE_CLUSTER``, 1: clusters above the portable 8 blocks).
     """
     fkey = (filename, name_expression, device_id)
     fn = _functions.get(fkey)
@@ -317,7 +320,29 @@ def get_function(filename: str, name_expression: str, device_id: int, dynamic_sm
     if dynamic_smem > 48 * 1024 and _smem_set.get(fkey, 0) < dynamic_smem:
         fn.max_dynamic_shared_size_bytes = dynamic_smem
         _smem_set[fkey] = dynamic_smem
+    for attr, value in attributes:
+        if _attrs_set.get((fkey, attr)) != value:
+            _set_function_attribute(fn, attr, value)
+            _attrs_set[(fkey, attr)] = value
     return fn
+
+
+# cuda.h, CUfunction_attribute
+FUNC_ATTR_NON_PORTABLE_CLUSTER = 14      # 1: cluster sizes above 8 allowed
+FUNC_ATTR_CLUSTER_SCHEDULING = 15        # 0 default, 1 spread, 2 load balancing
+_attrs_set: dict = {}
+
+
+def _set_function_attribute(fn, attribute: int, value: int) -> None:
+    """cuFuncSetAttribute on a loaded kernel (CuPy exposes only some attributes), through the driver."""
+    import ctypes
+
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuFuncSetAttribute.restype = ctypes.c_int
+    lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    err = lib.cuFuncSetAttribute(ctypes.c_void_p(int(fn.kernel.ptr)), attribute, value)
+    if err != 0:
+        raise RuntimeError(f"cuFuncSetAttribute({attribute}, {value}) failed with CUresult {err}")
 
 
 def cached_entries() -> list[dict]:

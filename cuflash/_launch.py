@@ -153,13 +153,15 @@ def _cbool(b: bool) -> str:
     return "true" if b else "false"
 
 
-def launch(run: Run, filename: str, name: str, grid, block, params, smem: int = 0, maps=()) -> None:
+def launch(run: Run, filename: str, name: str, grid, block, params, smem: int = 0, maps=(),
+           attributes: tuple = ()) -> None:
     """Launch one kernel of ``kernels_cu/<filename>`` on the run's device and stream.
 
     ``maps``: TMA tensor-map specs (``_tma.MapSpec``) of run operands; when given, the kernel takes a
     second argument, their encoded maps at the operands' current addresses (sm90 kernels).
+    ``attributes``: function attributes to set first (``_compile.get_function``).
     """
-    fn = _compile.get_function(filename, name, run.device_id, dynamic_smem=smem)
+    fn = _compile.get_function(filename, name, run.device_id, dynamic_smem=smem, attributes=attributes)
     if _log.isEnabledFor(logging.DEBUG):
         _log.debug("cuflash: launch %s grid=%s block=%s smem=%d", name, tuple(grid), tuple(block), smem)
     arg = params.view(PARAMS_BYTES)[()] if isinstance(params, np.ndarray) else params

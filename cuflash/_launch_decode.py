@@ -10,8 +10,11 @@ and the compile tests; ``plan(run)`` exposes the launch plan.
 Every warp of a block owns the same 16 rows and a share of the keys; blocks are (key slice, kv head x
 16-row block, batch). Split-KV: the key tiles of every (batch, kv head) are cut into ``splits`` slices
 (``num_splits_heuristic``: about one block per SM), each slice writes fp32 partial outputs and LSEs in
-the layout ``combine.cu`` reads, and the sm80 path's ``fwd_combine`` merges them. ``run.num_splits``:
-0 = heuristic, >= 1 forced (capped at the tile count).
+the layout ``combine.cu`` reads, and the sm80 path's ``fwd_combine`` merges them. On sm_90+ up to 16
+slices run as one thread-block cluster instead and merge in the decode kernel through distributed shared
+memory (``fwd_decode_cluster``; ``cluster_for``; ``CUFLASH_DECODE_CLUSTER=0`` turns it off).
+``run.num_splits``: 0 = heuristic, >= 1 forced (capped at the tile count; a forced count of 2, 4, 8 or
+16 runs as a cluster on sm_90+).
 """
 
 from __future__ import annotations
@@ -103,9 +106,14 @@ def tile_for(headdim: int, smem_limit: int | None = None) -> DecodeTile | None:
     return _choose_default(d, smem_limit)
 
 
-def kernel_name(dtype: str, tile: DecodeTile) -> str:
-    return (f"cuflash::fwd_decode<{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.warps}, {tile.warp_keys}, "
-            f"{tile.stages}, {'true' if tile.q_in_regs else 'false'}>")
+def kernel_name(dtype: str, tile: DecodeTile, cluster: int = 1) -> str:
+    """The kernel's name expression; ``cluster`` > 1: the variant whose ``cluster`` key slices merge in
+    the kernel through distributed shared memory (``fwd_decode_cluster``, sm_90+)."""
+    args = (f"{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.warps}, {tile.warp_keys}, {tile.stages}, "
+            f"{'true' if tile.q_in_regs else 'false'}")
+    if cluster > 1:
+        return f"cuflash::fwd_decode_cluster<{args}, {cluster}>"
+    return f"cuflash::fwd_decode<{args}>"
 
 
 def _tiles(arch: str | None = None) -> list[DecodeTile]:
@@ -126,7 +134,14 @@ def _choose_default(d: int, limit: int | None) -> DecodeTile | None:
 def variants(arch: str | None = None) -> list[tuple[str, str]]:
     """Every (file, name expression) this path can launch on GPUs of ``arch`` (e.g. ``"sm_90a"``; None:
     on any GPU). The combine it launches is ``_launch_sm80``'s (listed there)."""
-    return [(FILE, kernel_name(dt, t)) for dt in _DTYPES for t in _tiles(arch)]
+    out = [(FILE, kernel_name(dt, t)) for dt in _DTYPES for t in _tiles(arch)]
+    return out + [(FILE, kernel_name(dt, t, c)) for dt in _DTYPES for t in _cluster_tiles(arch)
+                  for c in cluster_sizes(t)]
+
+
+def _cluster_tiles(arch: str | None) -> list[DecodeTile]:
+    """The tiles that run as clusters on ``arch``'s GPUs (None: on any GPU)."""
+    return _tiles(arch) if arch is None or cluster_arch(arch) else []
 
 
 # ---- support ---------------------------------------------------------------------------------------
@@ -204,6 +219,53 @@ def num_splits_heuristic(ctas: int, sms: int, n_tiles: int, max_splits: int = MA
     return best
 
 
+# ---- split-KV merged in the kernel (clusters, sm_90+) -------------------------------------------------
+
+# On sm_90+ the key slices of one (batch, kv head, row block) can run as one thread-block cluster and
+# merge through distributed shared memory at the end of the decode kernel, so that no o_partial round
+# trip through memory, no fwd_combine and no launch gap between the two kernels remain. Cluster sizes
+# are compile-time (__cluster_dims__): one kernel per size. 16 is above the portable 8 (the kernel is
+# given the non-portable attribute); it is used only where two blocks fit an SM, so that its 16 blocks
+# fit in the SMs of one GPC with room to spare.
+#
+# Measured on the H100 (d128 bf16, seqlen_q 1, 32 / 8 heads, L2 flushed, GPU span per call;
+# benchmarks/NOTES.md "Decode, session 10"), cluster vs the same slices through fwd_combine:
+#   * with the driver's default cluster placement: b1 4k 14.0 vs 17.8 us, b2 4k 20.6 vs 24.0, b4 4k 36.1
+#     vs 38.4, but b1 128k 206 vs 190 and b4 128k 736 vs 694 (the placement costs bandwidth);
+#   * with the load-balancing policy (CU_CLUSTER_SCHEDULING_POLICY_LOAD_BALANCING, used here): b1 4k 13.2,
+#     b1 16k 36.0 vs 39.2, b1 128k 186.5 vs 189.3, b4 4k 35.0, b4 16k 101.6 vs 104.7, b4 128k 706 vs 692;
+#   * with one block per SM forced (padding the shared memory): 1.4-1.5x slower everywhere.
+# Long slices gain nothing from the merge (the combine is a few us) and can lose ~2%, so slices of more
+# than CLUSTER_MAX_SLICE_TILES key tiles keep fwd_combine.
+CLUSTER_SIZES = (2, 4, 8, 16)
+CLUSTER_MAX_SLICE_TILES = 256
+
+
+def cluster_arch(arch: str) -> bool:
+    """Whether GPUs of ``arch`` run the cluster variants (compute capability 9.0 and newer)."""
+    return _config.arch_number(arch) >= 90
+
+
+def cluster_sizes(tile: DecodeTile, blocks_per_sm: int | None = None) -> tuple[int, ...]:
+    """The cluster sizes a tile runs with: up to 16 where two of its blocks fit an SM (``blocks_per_sm``,
+    by default the H100's), else up to 8."""
+    per_sm = tile.min_blocks if blocks_per_sm is None else blocks_per_sm
+    return tuple(c for c in CLUSTER_SIZES if c <= (16 if per_sm >= 2 else 8))
+
+
+def cluster_for(splits: int, sizes: tuple[int, ...], forced: bool, n_tiles: int = 0) -> int:
+    """The cluster size (one of ``sizes``) that runs ``splits`` key slices merged in the kernel, or 1
+    (split-KV through fwd_combine). Forced splits run as a cluster only when their count is one of the
+    sizes; the heuristic's count is rounded up to the next size (slices past the tiles are empty), unless
+    its slices would hold more than CLUSTER_MAX_SLICE_TILES of the ``n_tiles`` key tiles."""
+    if splits <= 1 or os.environ.get("CUFLASH_DECODE_CLUSTER") == "0":
+        return 1
+    if forced:
+        return splits if splits in sizes else 1
+    c = next((c for c in sizes if c >= splits), 1)
+    return c if -(-n_tiles // c) <= CLUSTER_MAX_SLICE_TILES else 1
+
+
 def key_tiles(run, block_n: int) -> int:
     """Key tiles some row keeps (the window clips the range: sliding-window decoding splits only the
     window). The kernel derives each block's range the same way (fwd_decode.cu)."""
@@ -217,21 +279,30 @@ def key_tiles(run, block_n: int) -> int:
     return hi // block_n - lo // block_n + 1
 
 
+def plan_blocks_per_sm(tile: DecodeTile, device_id: int) -> int:
+    """Blocks of ``tile`` that fit an SM of the device (at most the kernel's __launch_bounds__ minimum)."""
+    return max(1, min(tile.min_blocks, _device_limits(device_id)[2] // (tile.smem + 1024)))
+
+
 def plan(run, tile: DecodeTile | None = None) -> dict:
     """Launch plan: tile, row blocks, grid, splits, blocks per SM (exposed for tests and benchmarks)."""
     tile = tile or _tile(run)
     m_blocks = -(-rows_per_kv_head(run) // ROWS)
     n_tiles = key_tiles(run, tile.block_n)
-    sms, _, smem_sm = _device_limits(run.device_id)
-    per_sm = max(1, min(tile.min_blocks, smem_sm // (tile.smem + 1024)))
+    sms = _device_limits(run.device_id)[0]
+    per_sm = plan_blocks_per_sm(tile, run.device_id)
     ctas = run.batch * run.nheads_k * m_blocks
     if run.num_splits >= 1:
         splits = run.num_splits
     else:
         splits = num_splits_heuristic(ctas, sms, n_tiles)
     splits = max(1, min(splits, n_tiles, MAX_SPLITS))
+    cluster = (cluster_for(splits, cluster_sizes(tile, per_sm), run.num_splits >= 1, n_tiles)
+               if cluster_arch(run.arch) else 1)
+    if cluster > 1:
+        splits = cluster
     return {"tile": tile, "m_blocks": m_blocks, "n_tiles": n_tiles, "splits": splits, "blocks_per_sm": per_sm,
-            "grid": (splits, run.nheads_k * m_blocks, run.batch)}
+            "cluster": cluster, "grid": (splits, run.nheads_k * m_blocks, run.batch)}
 
 
 # ---- launch ----------------------------------------------------------------------------------------
@@ -241,8 +312,19 @@ def forward_decode(run, tile: DecodeTile | None = None) -> None:
     from ._launch_sm80 import launch_combine, split_partials
 
     pl = plan(run, tile)
-    tile, splits = pl["tile"], pl["splits"]
+    tile, splits, cluster = pl["tile"], pl["splits"], pl["cluster"]
     extra = {"num_splits": splits, "flags": 0}
+    if cluster > 1:  # merged in the kernel: no partials, no combine
+        from ._compile import FUNC_ATTR_CLUSTER_SCHEDULING, FUNC_ATTR_NON_PORTABLE_CLUSTER
+
+        # CU_CLUSTER_SCHEDULING_POLICY: 2 (load balancing) measured best (see CLUSTER_SIZES); tuning knob
+        policy = int(os.environ.get("CUFLASH_DECODE_CLUSTER_POLICY", "2"))
+        attrs = ((FUNC_ATTR_CLUSTER_SCHEDULING, policy),) + (((FUNC_ATTR_NON_PORTABLE_CLUSTER, 1),) if cluster > 8 else ())
+        smem = max(tile.smem, int(os.environ.get("CUFLASH_DECODE_CLUSTER_SMEM", "0")))  # tuning: occupancy
+        params = run.params(**extra)
+        launch(run, FILE, kernel_name(run.dtype, tile, cluster), pl["grid"], (tile.threads,), params, smem,
+               attributes=attrs)
+        return
     if splits > 1:
         extra.update(split_partials(run, splits))
     params = run.params(**extra)

@@ -23,6 +23,10 @@
 //     block writes O in the output dtype (16-byte stores) and the LSE; with Params::num_splits > 1 it
 //     writes fp32 O (normalised within its slice) and the slice's LSE to o_partial / lse_partial, in the
 //     layout combine.cu merges (fwd_combine, launched after this kernel).
+//   * Cluster variant (fwd_decode_cluster, sm_90+): the CLUSTER key slices of one (batch, kv head, row
+//     block) run as one thread-block cluster; each leaves its normalised O and LSE in its own shared
+//     memory and the cluster merges them through distributed shared memory (decode::cluster_merge),
+//     writing O and the LSE directly: no o_partial round trip, no fwd_combine, no second launch.
 //   * Key slices: the block's key tiles (those some row of the block keeps under the window) are cut
 //     into num_splits contiguous slices of equal tile counts; blockIdx.x picks one (possibly empty:
 //     then O = 0 and LSE = -inf, which the combine skips). A row that keeps no key gets O = 0 and
@@ -44,6 +48,10 @@ namespace decode {
 __device__ __forceinline__ void sts_f32x2(u32 addr, float a, float b) {
     asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" :: "r"(addr), "f"(a), "f"(b) : "memory");
 }
+__device__ __forceinline__ void sts_f32x4(u32 addr, float4 v) {
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n"
+                 :: "r"(addr), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+}
 __device__ __forceinline__ float4 lds_f32x4(u32 addr) {
     float4 v;
     asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
@@ -56,6 +64,33 @@ __device__ __forceinline__ void stg_f32x4(float* ptr, float4 v) {
 }
 __device__ __forceinline__ u32 pick4(u32 a, u32 b, u32 c, u32 d, int i) {
     return i == 0 ? a : i == 1 ? b : i == 2 ? c : d;
+}
+
+// ---- thread-block clusters (sm_90+; only the cluster variants use these) ---------------------------
+__device__ __forceinline__ void cluster_sync() {  // every thread of every block of the cluster
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+// The shared::cluster address of `addr` (this block's shared window) in the block of rank `rank`.
+__device__ __forceinline__ u32 map_rank(u32 addr, u32 rank) {
+    u32 a;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(addr), "r"(rank));
+    return a;
+}
+__device__ __forceinline__ float ldc_f32(u32 addr) {
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
+    return v;
+}
+__device__ __forceinline__ float4 ldc_f32x4(u32 addr) {
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr) : "memory");
+    return v;
 }
 
 // Per-thread column plan of a tile copy: thread t copies 16-byte chunk t % 8 of every 64-column block.
@@ -138,11 +173,68 @@ __device__ __forceinline__ Pos block_pos(const Params& p, int3 c) {
     return s;
 }
 
+// The split-KV merge inside a cluster of CL blocks, the CL key slices of one (batch, kv head, row
+// block) (cluster rank = slice = blockIdx.x). Each block has left its slice's output, normalised by
+// the slice's own sum (kRows x D floats at `cbuf`), and its per-row log2-domain LSEs (kRows floats
+// after them) in its shared memory. After a cluster barrier, block `rank` merges its share of the
+// tile's (row, 4-column) quads, reading every slice's values through distributed shared memory:
+//   m = max_s lse_s, w_s = 2^(lse_s - m), o = sum_s w_s o_s / sum_s w_s, lse = m + log2(sum_s w_s)
+// and writes O in the output dtype (8-byte stores) and the LSE (natural log). A second barrier keeps
+// every block's shared memory alive until the whole cluster has read it. Slices that saw no key of a
+// row have lse_s = -inf and o_s = 0 (weight 0); a row no slice saw gets O = 0 and LSE = -inf.
+template <typename T, int D, int ROWS, int THREADS, int CL>
+__device__ __forceinline__ void cluster_merge(const Params& p, const Pos& f, int ft, u32 cbuf) {
+    using namespace sm80;
+    constexpr int kQuads = ROWS * D / 4, kPer = (kQuads + CL - 1) / CL;
+    constexpr u32 kLse = (u32)(ROWS * D * 4);
+    cluster_sync();
+    const int rank = (int)cluster_rank();
+    const int e_end = min((rank + 1) * kPer, kQuads);
+    for (int e = rank * kPer + ft; e < e_end; e += THREADS) {
+        const int row = e / (D / 4), col = (e % (D / 4)) * 4;
+        const int r = f.m0 + row;
+        if (r >= f.M || col >= p.headdim) continue;
+        float l2[CL], mx = -INFINITY;
+#pragma unroll
+        for (int s = 0; s < CL; ++s) {
+            l2[s] = ldc_f32(map_rank(cbuf + kLse + (u32)(row * 4), (u32)s));
+            mx = fmaxf(mx, l2[s]);
+        }
+        float sum = 0.f, o0 = 0.f, o1 = 0.f, o2 = 0.f, o3 = 0.f;
+        if (mx != -INFINITY) {
+#pragma unroll
+            for (int s = 0; s < CL; ++s) {
+                const float w = ex2(l2[s] - mx);  // 0 for a slice with lse -inf
+                const float4 v = ldc_f32x4(map_rank(cbuf + (u32)((row * D + col) * 4), (u32)s));
+                sum += w;
+                o0 = fmaf(w, v.x, o0);
+                o1 = fmaf(w, v.y, o1);
+                o2 = fmaf(w, v.z, o2);
+                o3 = fmaf(w, v.w, o3);
+            }
+        }
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        const int qi = r / f.group, head = f.hk * f.group + (r - qi * f.group);
+        T* dst = (T*)p.o + (i64)f.b * p.o_batch_stride + (i64)qi * p.o_row_stride + (i64)head * p.o_head_stride + col;
+        const u32 w0 = pack2<T>(o0 * inv, o1 * inv), w1 = pack2<T>(o2 * inv, o3 * inv);
+        if (col + 4 <= p.headdim) {
+            asm volatile("st.global.v2.b32 [%0], {%1, %2};\n" :: "l"(dst), "r"(w0), "r"(w1) : "memory");
+        } else {  // the quad straddling headdim: element by element, never past the row
+            for (int x = 0; x < p.headdim - col; ++x)
+                dst[x].bits = (unsigned short)((x < 2 ? w0 : w1) >> (16 * (x & 1)));
+        }
+        if (col == 0 && p.lse != nullptr)
+            p.lse[((i64)f.b * p.nheads + head) * p.seqlen_q + qi] = sum > 0.f ? (mx + log2f(sum)) * CUFLASH_LN2 : -INFINITY;
+    }
+    cluster_sync();
+}
+
 }  // namespace decode
 
-template <typename T, int D, int WARPS, int WKEYS, int STAGES, bool QREGS>
-__global__ void __launch_bounds__(WARPS * 32, (DecodeTraits<D, WARPS, WKEYS, STAGES, QREGS>::kMinBlocks))
-fwd_decode(const Params p) {
+// The kernel body; CLUSTER > 1: the cluster variant (fwd_decode_cluster), whose CLUSTER key slices merge
+// in the kernel (decode::cluster_merge) instead of through o_partial and fwd_combine.
+template <typename T, int D, int WARPS, int WKEYS, int STAGES, bool QREGS, int CLUSTER>
+__device__ __forceinline__ void decode_body(const Params& p) {
     using namespace sm80;
     using Tr = DecodeTraits<D, WARPS, WKEYS, STAGES, QREGS>;
     constexpr int kRows = Tr::kRows, kBN = Tr::kBN, kNT = Tr::kNT, kKS = Tr::kKS, kDT = Tr::kDT;
@@ -166,8 +258,9 @@ fwd_decode(const Params p) {
     const int key_hi = wr < 0 ? sk - 1 : min(sk - 1, i_last + shift + wr);  // inclusive; < key_lo: none
     int nb_lo = key_lo / kBN;
     int nb_hi = key_hi < key_lo ? nb_lo : key_hi / kBN + 1;
-    if (p.num_splits > 1) {  // this block's slice of the tiles (possibly empty)
-        const int per = (nb_hi - nb_lo + p.num_splits - 1) / p.num_splits;
+    const int n_slices = CLUSTER > 1 ? CLUSTER : p.num_splits;
+    if (n_slices > 1) {  // this block's slice of the tiles (possibly empty)
+        const int per = (nb_hi - nb_lo + n_slices - 1) / n_slices;
         const int lo = nb_lo + (int)blockIdx.x * per;
         nb_hi = min(nb_hi, lo + per);
         nb_lo = lo;
@@ -410,7 +503,8 @@ fwd_decode(const Params p) {
             l = fmaf(mw[w], __uint_as_float(lds_u32(fsStats + kStatL + (u32)((w * kRows + row) * 4))), l);
         }
         const float inv_l = l > 0.f ? 1.f / l : 0.f;
-        const float lse = l > 0.f ? (mx + log2f(l)) * CUFLASH_LN2 : -INFINITY;
+        const float lse2 = l > 0.f ? mx + log2f(l) : -INFINITY;  // log2 units
+        const float lse = lse2 * CUFLASH_LN2;
         float o[8];
 #pragma unroll
         for (int x = 0; x < 8; ++x) o[x] = 0.f;
@@ -429,7 +523,13 @@ fwd_decode(const Params p) {
             o[7] = fmaf(c, hi.w, o[7]);
         }
         const int qi = r / f.group, head = f.hk * f.group + (r - qi * f.group);
-        if (p.num_splits <= 1) {
+        if constexpr (CLUSTER > 1) {
+            // the slice's normalised O and LSE stay in shared memory, after the merge buffer
+            const u32 cb = fsRing + (u32)Tr::kMergeBytes;
+            decode::sts_f32x4(cb + (u32)((row * D + col) * 4), make_float4(o[0], o[1], o[2], o[3]));
+            decode::sts_f32x4(cb + (u32)((row * D + col + 4) * 4), make_float4(o[4], o[5], o[6], o[7]));
+            if (col == 0) sts_u32(cb + (u32)(kRows * D * 4 + row * 4), __float_as_uint(lse2));
+        } else if (p.num_splits <= 1) {
             T* dst = (T*)p.o + (i64)f.b * p.o_batch_stride + (i64)qi * p.o_row_stride
                    + (i64)head * p.o_head_stride + col;
             const u32 w0 = pack2<T>(o[0], o[1]), w1 = pack2<T>(o[2], o[3]);
@@ -451,6 +551,28 @@ fwd_decode(const Params p) {
             if (col == 0) p.lse_partial[prow] = lse;
         }
     }
+    if constexpr (CLUSTER > 1)
+        decode::cluster_merge<T, D, kRows, kThreads, CLUSTER>(p, f, ft, fsRing + (u32)Tr::kMergeBytes);
 }
+
+template <typename T, int D, int WARPS, int WKEYS, int STAGES, bool QREGS>
+__global__ void __launch_bounds__(WARPS * 32, (DecodeTraits<D, WARPS, WKEYS, STAGES, QREGS>::kMinBlocks))
+fwd_decode(const __grid_constant__ Params p) {
+    decode_body<T, D, WARPS, WKEYS, STAGES, QREGS, 1>(p);
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Split-KV with the merge in the kernel (sm_90+): a cluster of CLUSTER blocks along x is the CLUSTER key
+// slices of one (batch, kv head, row block); grid.x must be CLUSTER (the host launches it so).
+template <typename T, int D, int WARPS, int WKEYS, int STAGES, bool QREGS, int CLUSTER>
+__global__ void __cluster_dims__(CLUSTER, 1, 1)
+__launch_bounds__(WARPS * 32, (DecodeTraits<D, WARPS, WKEYS, STAGES, QREGS>::kMinBlocks))
+fwd_decode_cluster(const __grid_constant__ Params p) {
+    using Tr = DecodeTraits<D, WARPS, WKEYS, STAGES, QREGS>;
+    static_assert(CLUSTER >= 2 && CLUSTER <= 16, "2..16 blocks per cluster");
+    static_assert(Tr::kMergeBytes + Tr::kClusterBytes <= Tr::kRingBytes, "the merge buffers reuse the K/V ring");
+    decode_body<T, D, WARPS, WKEYS, STAGES, QREGS, CLUSTER>(p);
+}
+#endif
 
 }  // namespace cuflash

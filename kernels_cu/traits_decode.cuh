@@ -61,6 +61,9 @@ struct DecodeTraits {
     static_assert(kWarps >= 1 && kWarps <= 8, "1..8 warps");
     static_assert(kWarpKeys == 16 || kWarpKeys == 32, "16 or 32 keys per warp and tile");
     static_assert(kStages >= 2 && kStages <= 8, "2..8 ring stages");
+    // Cluster variants: the slice's normalised O (kRows x kD floats) and its per-row LSEs, after the merge
+    // buffer, where the other blocks of the cluster read them.
+    static constexpr int kClusterBytes = kRows * kD * 4 + kRows * 4;
     static_assert(kMergeBytes <= kRingBytes, "the merge buffer reuses the K/V ring");
     static_assert(kSmemBytes <= 227 * 1024, "shared memory above the sm90 per-block limit (227 KB)");
 };

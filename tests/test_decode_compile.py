@@ -91,11 +91,20 @@ def test_variant_lists_per_arch():
     for arch, limit in archs:
         v = _launch_decode.variants(arch)
         assert len(v) == len(set(v))
-        picked = {(_launch_decode.FILE, _launch_decode.kernel_name(dt, _launch_decode.tile_for(d, limit)))
-                  for d in range(1, 257) for dt in ("float16", "bfloat16")}
+        picked = set()
+        for d in range(1, 257):
+            for dt in ("float16", "bfloat16"):
+                tile = _launch_decode.tile_for(d, limit)
+                picked.add((_launch_decode.FILE, _launch_decode.kernel_name(dt, tile)))
+                if _launch_decode.cluster_arch(arch):  # split-KV merged in a cluster (sm_90+)
+                    picked |= {(_launch_decode.FILE, _launch_decode.kernel_name(dt, tile, c))
+                               for c in _launch_decode.cluster_sizes(tile)}
         assert set(v) == picked, arch
         union |= set(v)
-    assert union == set(_launch_decode.variants()) == set(_launch_decode.variants("compute_90"))
+    # None / compute_90 (PTX for any newer GPU, shared memory unknown): every tile, with every cluster size
+    assert union <= set(_launch_decode.variants()) == set(_launch_decode.variants("compute_90"))
+    assert {v for v in union if "cluster" not in v[1]} == {v for v in _launch_decode.variants()
+                                                         if "cluster" not in v[1]}
     assert _launch_decode.variants("sm_75") == []
     from cuflash._precompile import all_variants
 
@@ -200,3 +209,21 @@ def test_plan(monkeypatch):
     pl = _launch_decode.plan(_run(1, 1, 100, 64, 2, 64))         # 32 rows per kv head: 2 row blocks
     assert pl["m_blocks"] == 2 and pl["grid"][1] == 4
     assert _launch_sm80.MAX_SPLITS >= 1  # the combine (shared with sm80) takes any count
+
+
+def test_cluster_choice(monkeypatch):
+    """Which key slices merge in a cluster (sm_90+) and which through fwd_combine."""
+    monkeypatch.delenv("CUFLASH_DECODE_CLUSTER", raising=False)
+    L = _launch_decode
+    sizes = (2, 4, 8, 16)
+    assert L.cluster_for(1, sizes, False, 64) == 1                      # no split: no cluster
+    assert [L.cluster_for(s, sizes, False, 64) for s in (2, 3, 5, 9, 16)] == [2, 4, 8, 16, 16]
+    assert L.cluster_for(17, sizes, False, 64) == 1                     # more slices than a cluster
+    assert L.cluster_for(9, (2, 4, 8), False, 64) == 1                  # one block per SM: at most 8
+    assert L.cluster_for(4, sizes, False, 4 * L.CLUSTER_MAX_SLICE_TILES) == 4
+    assert L.cluster_for(4, sizes, False, 4 * L.CLUSTER_MAX_SLICE_TILES + 1) == 1  # long slices: combine
+    assert [L.cluster_for(s, sizes, True, 10**6) for s in (2, 3, 8, 16)] == [2, 1, 8, 16]  # forced: exact
+    monkeypatch.setenv("CUFLASH_DECODE_CLUSTER", "0")
+    assert L.cluster_for(8, sizes, False, 64) == 1
+    assert L.cluster_sizes(L.DecodeTile(128, 4, 3)) == sizes             # 2 blocks per SM on the H100
+    assert L.cluster_sizes(L.DecodeTile(256, 4, 3, q_in_regs=False)) == (2, 4, 8)

@@ -111,7 +111,7 @@ class FakeGPU:
             shape = (shape,)
         return self.array(shape, dtype)
 
-    def get_function(self, filename, name, device_id, dynamic_smem=0):
+    def get_function(self, filename, name, device_id, dynamic_smem=0, attributes=()):
         key = (filename, name, device_id)
         if key not in self.fns:
             self.fns[key] = FakeFn(self, filename, name)
@@ -199,7 +199,8 @@ def inputs(g, b, sq, sk, h, hk, d, dtype, *, offset=0, bhsd=False):
 
 CASES = {
     # name: (b, sq, sk, h, hk, d, dtype, input kwargs, attention options, expected kernel substrings)
-    "decode_split_kv": (1, 1, 4096, 32, 8, 128, "bfloat16", {}, {}, ["fwd_decode", "fwd_combine"]),
+    # sm_90: the heuristic's 16 slices merge in a cluster; 3 forced slices (no cluster size) in fwd_combine
+    "decode_split_kv": (1, 1, 4096, 32, 8, 128, "bfloat16", {}, {}, ["fwd_decode_cluster"]),
     "prefill_causal": (2, 300, 300, 4, 2, 64, "float16", {}, {"causal": True}, ["fwd_sm80"]),
     "float32_portable": (2, 37, 53, 4, 4, 32, "float32", {}, {"return_lse": True}, ["fwd_portable"]),
     "misaligned_portable": (1, 5, 70, 2, 1, 128, "bfloat16", {"offset": 8}, {}, ["fwd_portable"]),
@@ -326,19 +327,19 @@ def test_explicit_seed_is_patched_and_checked(gpu, validations):
 
 
 def test_stream_and_device_of_the_call(gpu, validations):
-    (q, k, v), opts = _case_call(gpu, "decode_split_kv")
-    cuflash.attention(q, k, v)
-    cuflash.attention(q, k, v)
+    (q, k, v), opts = _case_call(gpu, "forced_splits")
+    cuflash.attention(q, k, v, **opts)
+    cuflash.attention(q, k, v, **opts)
     gpu.log.clear()
     gpu.memsets.clear()
     with FakeStream(gpu, 0x7777):
-        cuflash.attention(q, k, v)
+        cuflash.attention(q, k, v, **opts)
     assert len(validations) == 2
     assert [e[5] for e in gpu.log] == [0x7777, 0x7777]
     # the caller's current device is another one: the replay switches to the inputs' device
     gpu.current_device = 3
     gpu.log.clear()
-    cuflash.attention(q, k, v)
+    cuflash.attention(q, k, v, **opts)
     assert len(validations) == 2 and [e[6] for e in gpu.log] == [0, 0]
 
 

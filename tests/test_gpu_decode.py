@@ -164,6 +164,55 @@ def test_split_heuristic(d):
     check("bfloat16", 1, 1, 70000, 16, 2, d, window=(5000, 0), alibi="heads", expect_splits=lambda s: s > 1)
 
 
+# ---- split-KV merged in a cluster (sm_90+) ------------------------------------------------------------
+
+def _clusters_here() -> bool:
+    from cuflash import _compile
+
+    return _launch_decode.cluster_arch(_compile.device_arch(0))
+
+
+needs_clusters = pytest.mark.skipif(not _gpu_ok() or not _clusters_here(), reason="clusters need sm_90+")
+
+
+@needs_clusters
+@pytest.mark.parametrize("cluster", [2, 4, 8, 16])
+@pytest.mark.parametrize("d", [64, 96, 128, 200, 256])
+def test_cluster_forced(cluster, d):
+    """num_splits = a cluster size: the slices merge in the kernel (no partials, no fwd_combine)."""
+    limit = _launch_decode._device_limits(0)[1]
+    tile = _launch_decode.tile_for(d, limit)
+    if cluster not in _launch_decode.cluster_sizes(tile):
+        pytest.skip(f"{tile} does not run clusters of {cluster}")
+    want = lambda s: s == cluster  # noqa: E731
+    for dtype in DTYPES:
+        plan = check(dtype, 2, 1, 4097, 16, 2, d, num_splits=cluster, expect_splits=want)
+        assert plan["cluster"] == cluster and plan["grid"][0] == cluster, plan
+        check(dtype, 1, 2, 1000, 12, 2, d, num_splits=cluster, causal=True, alibi="heads", expect_splits=want)
+    check("bfloat16", 1, 1, 3000, 8, 1, d, num_splits=cluster, softcap=30.0, window=(1500, 0), expect_splits=want)
+    # cluster + 1 key tiles: slices of 2 tiles, the last one short and for 8 / 16 the last few empty
+    # (LSE -inf: weight 0 in the merge)
+    sk = (cluster + 1) * tile.block_n - 5
+    plan = check("float16", 1, 2, sk, 8, 4, d, num_splits=cluster, expect_splits=want)
+    assert plan["n_tiles"] == cluster + 1
+
+
+@needs_clusters
+def test_cluster_heuristic_and_switch(monkeypatch):
+    # batch 1, 8 kv heads, 4k keys, d128: 8 blocks without splitting -> 16 slices, one cluster each
+    plan = check("bfloat16", 1, 1, 4096, 32, 8, 128)
+    assert plan["cluster"] == 16 and plan["splits"] == 16, plan
+    plan = check("float16", 4, 1, 4096, 32, 8, 128)
+    assert plan["cluster"] == 4, plan
+    plan = check("bfloat16", 1, 1, 100000, 8, 1, 128)  # one kv head: more slices than a cluster holds
+    assert plan["cluster"] == 1 and plan["splits"] > 16, plan
+    plan = check("bfloat16", 1, 1, 4096, 32, 8, 256)  # one block per SM: clusters of at most 8
+    assert plan["cluster"] in (1, 2, 4, 8), plan
+    monkeypatch.setenv("CUFLASH_DECODE_CLUSTER", "0")
+    plan = check("bfloat16", 1, 1, 4096, 32, 8, 128)
+    assert plan["cluster"] == 1 and plan["splits"] > 1, plan
+
+
 # ---- other tiles than the dispatcher's on this GPU (small-smem GPUs' tiles, 32 keys per warp, ...) ----
 
 @pytest.mark.parametrize("tile", [
@@ -205,7 +254,7 @@ def test_api_dispatches_here(dtype, caplog, monkeypatch):
         res, lse = cuflash.attention(tq, tk, tv, out=out, return_lse=True)
     msgs = [r.getMessage() for r in caplog.records]
     assert any("forward path=decode" in m for m in msgs), msgs
-    assert any("launch cuflash::fwd_decode<" in m for m in msgs), msgs
+    assert any("launch cuflash::fwd_decode" in m for m in msgs), msgs  # fwd_decode< or fwd_decode_cluster<
     assert res is out
     assert_fa_close(cupy.asnumpy(res.astype(cupy.float32)).astype(np.float64), ref, base, dtype)
     np.testing.assert_allclose(cupy.asnumpy(lse), ref_lse, rtol=1e-4, atol=1e-4)
@@ -260,7 +309,7 @@ def test_dropout_goes_elsewhere(monkeypatch):
 
 # ---- determinism --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("splits", [0, 1, 6])
+@pytest.mark.parametrize("splits", [0, 1, 6, 8])
 def test_deterministic(splits):
     """Same inputs, same bits, over several runs (a race in the ring or the merge would move them)."""
     rng = np.random.default_rng(0)
@@ -285,4 +334,8 @@ def test_variants_cover_every_dispatch_choice():
     limit = _launch_decode._device_limits(0)[1]
     for d in range(1, 257):
         for dtype in DTYPES:
-            assert _launch_decode.kernel_name(dtype, _launch_decode.tile_for(d, limit)) in here
+            tile = _launch_decode.tile_for(d, limit)
+            assert _launch_decode.kernel_name(dtype, tile) in here
+            if _clusters_here():
+                for c in _launch_decode.cluster_sizes(tile, _launch_decode.plan_blocks_per_sm(tile, 0)):
+                    assert _launch_decode.kernel_name(dtype, tile, c) in here
