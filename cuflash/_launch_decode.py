@@ -234,7 +234,7 @@ def num_splits_heuristic(ctas: int, sms: int, n_tiles: int, max_splits: int = MA
 #     vs 38.4, but b1 128k 206 vs 190 and b4 128k 736 vs 694 (the placement costs bandwidth);
 #   * with the load-balancing policy (CU_CLUSTER_SCHEDULING_POLICY_LOAD_BALANCING, used here): b1 4k 13.2,
 #     b1 16k 36.0 vs 39.2, b1 128k 186.5 vs 189.3, b4 4k 35.0, b4 16k 101.6 vs 104.7, b4 128k 706 vs 692;
-#   * with one block per SM forced (padding the shared memory): 1.4-1.5x slower everywhere.
+#   * with one block per SM forced (the shared memory padded to 120 KB): 1.4-1.5x slower everywhere.
 # Long slices gain nothing from the merge (the combine is a few us) and can lose ~2%, so slices of more
 # than CLUSTER_MAX_SLICE_TILES key tiles keep fwd_combine.
 CLUSTER_SIZES = (2, 4, 8, 16)
@@ -320,9 +320,8 @@ def forward_decode(run, tile: DecodeTile | None = None) -> None:
         # CU_CLUSTER_SCHEDULING_POLICY: 2 (load balancing) measured best (see CLUSTER_SIZES); tuning knob
         policy = int(os.environ.get("CUFLASH_DECODE_CLUSTER_POLICY", "2"))
         attrs = ((FUNC_ATTR_CLUSTER_SCHEDULING, policy),) + (((FUNC_ATTR_NON_PORTABLE_CLUSTER, 1),) if cluster > 8 else ())
-        smem = max(tile.smem, int(os.environ.get("CUFLASH_DECODE_CLUSTER_SMEM", "0")))  # tuning: occupancy
         params = run.params(**extra)
-        launch(run, FILE, kernel_name(run.dtype, tile, cluster), pl["grid"], (tile.threads,), params, smem,
+        launch(run, FILE, kernel_name(run.dtype, tile, cluster), pl["grid"], (tile.threads,), params, tile.smem,
                attributes=attrs)
         return
     if splits > 1:
