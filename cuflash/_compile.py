@@ -20,6 +20,7 @@ First use is thread-safe: concurrent callers of the same variant wait for one co
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -333,14 +334,23 @@ FUNC_ATTR_CLUSTER_SCHEDULING = 15        # 0 default, 1 spread, 2 load balancing
 _attrs_set: dict = {}
 
 
+@functools.lru_cache(maxsize=None)
+def libcuda():
+    """The CUDA driver library through ctypes (for what CuPy does not expose: function attributes here,
+    tensor-map encoding in _tma)."""
+    import ctypes
+
+    return ctypes.CDLL("libcuda.so.1")
+
+
 def _set_function_attribute(fn, attribute: int, value: int) -> None:
     """cuFuncSetAttribute on a loaded kernel (CuPy exposes only some attributes), through the driver."""
     import ctypes
 
-    lib = ctypes.CDLL("libcuda.so.1")
-    lib.cuFuncSetAttribute.restype = ctypes.c_int
-    lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    err = lib.cuFuncSetAttribute(ctypes.c_void_p(int(fn.kernel.ptr)), attribute, value)
+    set_attr = libcuda().cuFuncSetAttribute
+    set_attr.restype = ctypes.c_int
+    set_attr.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    err = set_attr(ctypes.c_void_p(int(fn.kernel.ptr)), attribute, value)
     if err != 0:
         raise RuntimeError(f"cuFuncSetAttribute({attribute}, {value}) failed with CUresult {err}")
 

@@ -47,8 +47,9 @@ _cu = None
 def _driver():
     global _cu
     if _cu is None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        fn = lib.cuTensorMapEncodeTiled
+        from ._compile import libcuda
+
+        fn = libcuda().cuTensorMapEncodeTiled
         fn.restype = ctypes.c_int
         u64p, u32p = ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint32)
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
