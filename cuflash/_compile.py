@@ -180,7 +180,14 @@ _smem_set: dict[tuple, int] = {}        # dynamic shared memory limit already ra
 
 
 def _options(arch: str, extra: tuple[str, ...]) -> tuple[str, ...]:
-    return (f"-arch={arch}",) + _BASE_OPTIONS + tuple(extra)
+    return (f"-arch={arch}",) + _BASE_OPTIONS + tuple(extra) + _dev_defines()
+
+
+def _dev_defines() -> tuple[str, ...]:
+    """``-D`` options from CUFLASH_NVRTC_DEFINES ("NAME[=VALUE],..."): compile-time switches of the kernel
+    sources for A / B measurements (e.g. CUFLASH_FWD_DROP_LATE=1); empty normally. Part of the cache key."""
+    spec = os.environ.get("CUFLASH_NVRTC_DEFINES", "")
+    return tuple(f"-D{d.strip()}" for d in spec.split(",") if d.strip())
 
 
 def _cache_key(source: str, names: tuple[str, ...], options: tuple[str, ...]) -> str:

@@ -292,7 +292,14 @@ bwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90bwd::TmaM
             // eight lanes c. The slot is free again with q_empty.
             auto fresh = [&](int i) { return *static_cast<const volatile int*>(&shape_s[i]); };
             constexpr int kBytesPerLane = BM / 16;
-            constexpr int NPAR = 2;
+            // Philox calls in flight per thread: all 8 of a task at d128 (BM 64: 0.61-0.65 -> 0.69-0.74 of
+            // p = 0, session 11), 2 at d64 (BM 128: 8 measured 2-6% slower there, 4 slower at both).
+            // (CUFLASH_BWD_RNG_NPAR overrides: A / B runs.)
+#ifdef CUFLASH_BWD_RNG_NPAR
+            constexpr int NPAR = CUFLASH_BWD_RNG_NPAR;
+#else
+            constexpr int NPAR = BM == 64 ? 8 : 2;
+#endif
             // The walk's state lives in shared memory, a slot of 8 ints per thread (volatile: re-read where
             // used, never held): the loop counters in registers beside the Philox chains would spill.
             // st: 0 key block nb, 1 step g, 2 step of the key block it, 3 steps of the key block, 4 m0,

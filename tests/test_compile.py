@@ -69,6 +69,18 @@ def test_cache_key_covers_headers(tmp_path, monkeypatch):
     assert k1 != k2
 
 
+def test_dev_defines_reach_the_options_and_the_cache_key(monkeypatch):
+    # CUFLASH_NVRTC_DEFINES (A / B runs of the kernels' compile-time switches) appends -D options, which
+    # are part of the cache key, so a switched build never shadows the default one.
+    monkeypatch.delenv("CUFLASH_NVRTC_DEFINES", raising=False)
+    base = _compile._options("sm_90a", ())
+    assert not [o for o in base if o.startswith("-D") and o != "-DNDEBUG"]
+    monkeypatch.setenv("CUFLASH_NVRTC_DEFINES", "CUFLASH_BWD_RNG_NPAR=4, FOO ,")
+    opts = _compile._options("sm_90a", ())
+    assert opts == base + ("-DCUFLASH_BWD_RNG_NPAR=4", "-DFOO")
+    assert _compile._cache_key("x", ("k",), opts) != _compile._cache_key("x", ("k",), base)
+
+
 def test_ptxas_log_parser():
     log = ("ptxas info    : Compiling entry function '_Z1kv' for 'sm_90a'\n"
            "ptxas info    : Function properties for _Z1kv\n"
