@@ -185,7 +185,7 @@ def _options(arch: str, extra: tuple[str, ...]) -> tuple[str, ...]:
 
 def _dev_defines() -> tuple[str, ...]:
     """``-D`` options from CUFLASH_NVRTC_DEFINES ("NAME[=VALUE],..."): compile-time switches of the kernel
-    sources for A / B measurements (e.g. CUFLASH_FWD_DROP_LATE=1); empty normally. Part of the cache key."""
+    sources for A / B measurements (e.g. CUFLASH_BWD_RNG_NPAR=4); empty normally. Part of the cache key."""
     spec = os.environ.get("CUFLASH_NVRTC_DEFINES", "")
     return tuple(f"-D{d.strip()}" for d in spec.split(",") if d.strip())
 
