@@ -2,8 +2,9 @@
 # One device call for dropout (issue 6): precompile, the dropout GPU tests (TEST_FILES, at most TESTS_S
 # seconds), then bench_attention.py --dropout-compare over HEADDIMS x SEQLENS (MODE fwd / bwd / both), and
 # for each "LABEL:DEFINES[:ENV=V+ENV=V]" in AB (space separated; DEFINES as CUFLASH_NVRTC_DEFINES takes
-# them) the same grid of cuflash alone with those compile-time switches (and environment). Logs and CSVs under $OUT; the tables last.
-# Usage: MODE=fwd AB='late:CUFLASH_FWD_DROP_AT=0' bash benchmarks/run_dropout_check.sh
+# them) the same grid of cuflash alone with those compile-time switches (and environment). Logs and CSVs
+# under $OUT; the tables last.
+# Usage: MODE=bwd AB='n2:CUFLASH_BWD_RNG_NPAR=2' bash benchmarks/run_dropout_check.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUFLASH_CACHE_DIR=${CUFLASH_CACHE_DIR:-$PWD/.kcache}
