@@ -32,6 +32,7 @@ class Sm90Tile:
     sched: int = 2           # consumer order per tile: 0 serial, 1 overlap, 2 batched, 3 / 4 = 1 / 2 with
                              # O's rescale deferred to the next turn (fwd_sm90.cu kSched*)
     persist: bool = True     # min(tiles, SMs) blocks loop over work tiles (atomic tile counter)
+    q_bufs: int = 2          # persistent: Q buffers (2: the next tile's Q loads early), where 2 fit
     dropout: bool = False    # the DROPOUT variant (Params::dropout_p > 0); needs block_n % 32 == 0
 
     @property
@@ -43,6 +44,13 @@ class Sm90Tile:
         return 128 * (self.consumers + 1)
 
     @property
+    def q_buffers(self) -> int:
+        """Sm90FwdTraits::kQBufs: 2 for a persistent tile that asked for 2, where they fit beside an output
+        buffer; else 1."""
+        two = 1024 + 3 * self._q_bytes + self._ring_bytes <= _SMEM_MAX
+        return 2 if self.persist and self.q_bufs >= 2 and two else 1
+
+    @property
     def own_o(self) -> bool:
         """Sm90FwdTraits::kOwnO: the output has a staging buffer of its own (else it reuses Q's)."""
         return self._base_smem + self._q_bytes <= _SMEM_MAX
@@ -52,9 +60,13 @@ class Sm90Tile:
         return self.block_m * self.headdim_bucket * 2
 
     @property
+    def _ring_bytes(self) -> int:
+        return 2 * self.stages * self.block_n * self.headdim_bucket * 2
+
+    @property
     def _base_smem(self) -> int:
-        # alignment slack + Q (block_m x D) + K and V rings (stages x BN x D)
-        return 1024 + self._q_bytes + 2 * self.stages * self.block_n * self.headdim_bucket * 2
+        # alignment slack + Q buffers (block_m x D each) + K and V rings (stages x BN x D)
+        return 1024 + self.q_buffers * self._q_bytes + self._ring_bytes
 
     @property
     def smem(self) -> int:
@@ -121,7 +133,7 @@ def choose(run) -> Sm90Tile:
 
 def kernel_name(dtype: str, tile: Sm90Tile) -> str:
     pp = "true" if tile.pingpong else "false"
-    ps = "true" if tile.persist else "false"
+    ps = tile.q_buffers if tile.persist else 0  # PERSIST: 0 one block per tile, else the Q buffers
     drop = ", true" if tile.dropout else ""
     return (f"cuflash::fwd_sm90<{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.block_n}, {tile.stages}, "
             f"{tile.consumers}, {pp}, {tile.sched}, {ps}{drop}>")

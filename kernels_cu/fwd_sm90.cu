@@ -48,7 +48,9 @@ struct TmaMaps {
     TmaDesc q, k, v, o;
 };
 
-template <int D, int BN, int STAGES, int NWG, bool PERSIST>
+// PERSIST: 0 one block per work tile; 1 or 2 persistent blocks with that many Q buffers asked for (see
+// kQBufs).
+template <int D, int BN, int STAGES, int NWG, int PERSIST>
 struct Sm90FwdTraits {
     static constexpr int kBM = 64 * NWG;            // NWG consumer warpgroups x 64 rows
     static constexpr int kThreads = 128 * (NWG + 1);  // producer + consumers
@@ -59,18 +61,25 @@ struct Sm90FwdTraits {
     static constexpr int kChunks = D / 64;          // 64-column (128-byte) swizzle blocks
     static constexpr int kQBytes = kBM * D * 2;
     static constexpr int kKVBytes = BN * D * 2;
+    static constexpr int kRingBytes = 2 * STAGES * kKVBytes;
+    // Q buffers: a persistent block with two (when they fit beside an output buffer) has the producer
+    // load the next work tile's Q as soon as it has claimed that tile, while this one still computes, so
+    // that Q's latency does not fall between the tiles; with one, the next Q can only load once this
+    // tile's last Q K^T has read the buffer.
+    static constexpr int kQBufs = PERSIST >= 2 && 1024 + 3 * kQBytes + kRingBytes <= 227 * 1024 ? 2 : 1;
     // + 1024: the dynamic window is aligned up to 1024 bytes (swizzle atoms) at run time.
-    static constexpr int kBaseBytes = 1024 + kQBytes + 2 * STAGES * kKVBytes;
+    static constexpr int kBaseBytes = 1024 + kQBufs * kQBytes + kRingBytes;
     // The output is staged in a buffer of its own when it fits (a persistent block then loads the next
     // Q tile while this one's output is stored), else in the Q tile.
     static constexpr bool kOwnO = kBaseBytes + kQBytes <= 227 * 1024;
     static constexpr int kSmemBytes = kBaseBytes + (kOwnO ? kQBytes : 0);
-    // q_full, q_empty, k_full[], v_full[], k_empty[], v_empty[], tile_full[2], tile_empty[2]
-    static constexpr int kBars = 2 + 4 * STAGES + 4;
+    // q_full[], q_empty[], k_full[], v_full[], k_empty[], v_empty[], tile_full[2], tile_empty[2]
+    static constexpr int kBars = 2 * kQBufs + 4 * STAGES + 4;
     static_assert(NWG == 2 || NWG == 3, "two or three consumer warpgroups");
     static_assert(D % 64 == 0 && D >= 64 && D <= 256, "head-dim bucket must be 64, 128, 192 or 256");
     static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key tile must be a multiple of 16, at most 256");
     static_assert(STAGES >= 2, "at least two slots per ring");
+    static_assert(PERSIST >= 0 && PERSIST <= 2, "PERSIST: 0, 1 or 2");
     // The pool setmaxnreg redistributes is what the launch allocated: the launch-bounds register count
     // (65536 / threads, rounded down to a multiple of 8) per thread; asking for more waits forever.
     static_assert(kProducerRegs * 128 + NWG * 128 * kConsumerRegs <= ((65536 / kThreads) & ~7) * kThreads,
@@ -117,13 +126,14 @@ __device__ __forceinline__ TileCoord tile_coord(int t, int num_m, int nheads, in
 
 }  // namespace sm90
 
-// PERSIST: gridDim.x = min(tiles, SMs) blocks loop over work tiles; the first is blockIdx.x, the next
+// PERSIST (> 0): gridDim.x = min(tiles, SMs) blocks loop over work tiles; the first is blockIdx.x, the next
 // ones come from an atomic counter (Params::counters[0], zeroed by the host before the launch), claimed
 // by the producer once it has issued the current tile's loads and handed to the consumers through
 // shared memory (tile_full / tile_empty mbarriers). The producer runs ahead into the next tile (its
 // K / V and, once free, its Q) while the consumers finish the current one; the output of one tile is
-// stored (TMA, asynchronous) while the next one computes. Otherwise one block per tile.
-template <typename T, int D, int BN, int STAGES, int NWG, bool PINGPONG, int SCHED, bool PERSIST,
+// stored (TMA, asynchronous) while the next one computes; with two Q buffers (PERSIST = 2, where they
+// fit) the next tile's Q is loaded as soon as the tile is claimed. PERSIST = 0: one block per tile.
+template <typename T, int D, int BN, int STAGES, int NWG, bool PINGPONG, int SCHED, int PERSIST,
           bool DROPOUT = false>
 __global__ void __launch_bounds__(128 * (NWG + 1), 1)
 fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps maps) {
@@ -147,25 +157,29 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
 
     require_dynamic_smem(Tr::kSmemBytes);  // (the window is aligned up to 1024 bytes below)
     const u32 sQ = (smem_addr(smem) + 1023u) & ~1023u;
-    const u32 sK = sQ + Tr::kQBytes;
+    const u32 sK = sQ + Tr::kQBufs * Tr::kQBytes;
     const u32 sV = sK + STAGES * Tr::kKVBytes;
     const u32 sO = Tr::kOwnO ? sV + STAGES * Tr::kKVBytes : sQ;
     const u32 bar0 = smem_addr(bars);
-    const u32 q_full = bar0, q_empty = bar0 + 8u;
-    auto k_full = [&](int s) { return bar0 + 8u * (2 + s); };
-    auto v_full = [&](int s) { return bar0 + 8u * (2 + STAGES + s); };
-    auto k_empty = [&](int s) { return bar0 + 8u * (2 + 2 * STAGES + s); };
-    auto v_empty = [&](int s) { return bar0 + 8u * (2 + 3 * STAGES + s); };
-    auto tile_full = [&](int s) { return bar0 + 8u * (2 + 4 * STAGES + s); };
-    auto tile_empty = [&](int s) { return bar0 + 8u * (4 + 4 * STAGES + s); };
+    constexpr int kQB = Tr::kQBufs;
+    auto q_full = [&](int i) { return bar0 + 8u * i; };
+    auto q_empty = [&](int i) { return bar0 + 8u * (kQB + i); };
+    auto k_full = [&](int s) { return bar0 + 8u * (2 * kQB + s); };
+    auto v_full = [&](int s) { return bar0 + 8u * (2 * kQB + STAGES + s); };
+    auto k_empty = [&](int s) { return bar0 + 8u * (2 * kQB + 2 * STAGES + s); };
+    auto v_empty = [&](int s) { return bar0 + 8u * (2 * kQB + 3 * STAGES + s); };
+    auto tile_full = [&](int s) { return bar0 + 8u * (2 * kQB + 4 * STAGES + s); };
+    auto tile_empty = [&](int s) { return bar0 + 8u * (2 * kQB + 4 * STAGES + 2 + s); };
 
     // warp and warpgroup through a shuffle: provably warp-uniform for the compiler, which otherwise
     // treats every branch on them as divergent and serialises the wgmma inside.
     const int wg = __shfl_sync(0xffffffffu, (int)threadIdx.x >> 7, 0);
     if (threadIdx.x == 0) {
         store_shape(shape_s, p);
-        mbar_init(q_full, 1);
-        mbar_init(q_empty, kConsumerWarps);  // one arrival per consumer warp once Q is no longer read
+        for (int i = 0; i < kQB; ++i) {
+            mbar_init(q_full(i), 1);
+            mbar_init(q_empty(i), kConsumerWarps);  // one arrival per consumer warp once Q is no longer read
+        }
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);
@@ -208,6 +222,17 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                 const int hk = (int)((u32)tc.h / (u32)(nheads / fresh(3)));
                 int nb_lo, nb_hi;
                 key_tile_range<BN>(tc.m0, kBM, sq, sk, fresh(5), fresh(6), nb_lo, nb_hi);
+                auto load_q = [&]() {  // into buffer qt % kQB once the consumers are done with its last tile
+                    const int qb = kQB == 1 ? 0 : qt & 1;
+                    if (qt >= kQB) mbar_wait(q_empty(qb), ((qt / kQB) - 1) & 1);
+                    mbar_arrive_expect_tx(q_full(qb), Tr::kQBytes);
+#pragma unroll
+                    for (int c = 0; c < Tr::kChunks; ++c)
+                        tma_load_4d(sQ + qb * Tr::kQBytes + c * (kBM * 128), &maps.q, c * 64, tc.h, tc.m0, tc.b,
+                                    q_full(qb));
+                    ++qt;
+                };
+                if (kQB > 1 && nb_hi > nb_lo) load_q();  // its buffer was freed a tile ago
                 for (int it = 0; it < nb_hi - nb_lo; ++it, ++g) {
                     const int s = g % STAGES;
                     const u32 ph = (g / STAGES) & 1;
@@ -217,14 +242,8 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
 #pragma unroll
                     for (int c = 0; c < Tr::kChunks; ++c)
                         tma_load_4d(sK + s * Tr::kKVBytes + c * (BN * 128), &maps.k, c * 64, hk, k0, tc.b, k_full(s));
-                    if (it == 0) {  // Q behind the first K tile: that one may already stream while Q frees up
-                        if (qt > 0) mbar_wait(q_empty, (qt - 1) & 1);
-                        mbar_arrive_expect_tx(q_full, Tr::kQBytes);
-#pragma unroll
-                        for (int c = 0; c < Tr::kChunks; ++c)
-                            tma_load_4d(sQ + c * (kBM * 128), &maps.q, c * 64, tc.h, tc.m0, tc.b, q_full);
-                        ++qt;
-                    }
+                    // One Q buffer: Q behind the first K tile, which may already stream while Q frees up.
+                    if (kQB == 1 && it == 0) load_q();
                     if (g >= STAGES) mbar_wait(v_empty(s), ph ^ 1);
                     mbar_arrive_expect_tx(v_full(s), Tr::kKVBytes);
 #pragma unroll
@@ -258,8 +277,8 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
     const int tq = lane & 3;                              // fragment column pair
     const bool transform = p.softcap > 0.f || p.alibi != nullptr || !(p.scale_log2 > 0.f);
     const float mult = transform ? 1.f : p.scale_log2;
-    // Rows of this warpgroup in the Q and O tiles: column block c at base + c * kBM * 128 + 64 cw * 128.
-    const u32 q_base = sQ + 64 * cw * 128;
+    // Rows of this warpgroup in the O tile (and, per work tile, in its Q buffer): column block c at
+    // base + c * kBM * 128 + 64 cw * 128.
     const u32 o_base = sO + 64 * cw * 128;
 
     auto release = [&](u32 bar) {  // this warp is done reading a slot
@@ -293,6 +312,9 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
         key_tile_range<BN>(tc.m0, kBM, sq, sk, wl, wr, nb_lo, nb_hi);
         const int n_iter = nb_hi - nb_lo;
         const int r0 = tc.m0 + 64 * cw;  // first query row of this warpgroup
+        const int qb = kQB == 1 ? 0 : qt & 1;
+        // (the window's base re-derived here, not kept live from the top: at 160 registers ptxas spills it)
+        const u32 q_base = ((smem_addr(smem) + 1023u) & ~1023u) + qb * Tr::kQBytes + 64 * cw * 128;
         // Tiles that need the mask for some row of this warpgroup: keys past the smallest last_key or
         // before the largest first_key of its rows.
         const int r_hi = min(r0 + 63, sq - 1);
@@ -432,7 +454,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
         };
         // Q is no longer read by this warp (its own buffer for the output): the producer may reload it.
         auto release_q_after_qk = [&](int it) {
-            if (Tr::kOwnO && it == n_iter - 1) release(q_empty);
+            if (Tr::kOwnO && it == n_iter - 1) release(q_empty(qb));
         };
 
         // kLate: the rescale of O still owed for the last softmax (1: none; tile 0 leaves O at 0).
@@ -447,7 +469,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
             }
         };
         if (n_iter > 0) {
-            mbar_wait(q_full, qt & 1);
+            mbar_wait(q_full(qb), (qt / kQB) & 1);
             {   // tile 0: S(0) and its softmax
                 float sacc[BN / 2];
                 float corr[2];
@@ -629,7 +651,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
             }
             if (!Tr::kOwnO) {  // the output sat in the Q tile: free it for the next one once read
                 named_bar_sync(kBarEpilogue + cw, 128);
-                release(q_empty);
+                release(q_empty(qb));
             }
             ++qt;
         }
