@@ -113,15 +113,19 @@ __device__ __forceinline__ void key_tile_range(int m0, int bm, int sq, int sk, i
 
 // Work tile t (0 .. num_tiles - 1) -> query block and (batch, head): head-major, and within a head
 // the query blocks last to first (for causal masks the heaviest first). Consecutive tiles share K / V
-// (L2 reuse), and the lightest tiles of the last head come last.
+// (L2 reuse), and the lightest tiles of the last head come last. The blocks are aligned to the end of
+// the sequence: block r (0 = the last) holds rows sq - (r + 1) bm .. sq - r bm - 1, so when bm does not
+// divide seqlen_q the partial block is the first one, the lightest under a causal mask, and its rows
+// before 0 are zero-filled by the Q load and skipped by the output store (TMA clips both); a consumer
+// warpgroup with no row at or after 0 computes nothing (see the consumers).
 struct TileCoord {
     int m0, h, b;
 };
 // (Unsigned arithmetic: shorter divisions, and the producer has few registers.)
-__device__ __forceinline__ TileCoord tile_coord(int t, int num_m, int nheads, int bm) {
+__device__ __forceinline__ TileCoord tile_coord(int t, int num_m, int nheads, int bm, int sq) {
     const u32 bh = (u32)t / (u32)num_m;
-    return TileCoord{(int)((u32)num_m - 1 - ((u32)t - bh * (u32)num_m)) * bm, (int)(bh % (u32)nheads),
-                     (int)(bh / (u32)nheads)};
+    const int r = (int)((u32)t - bh * (u32)num_m);
+    return TileCoord{sq - (r + 1) * bm, (int)(bh % (u32)nheads), (int)(bh / (u32)nheads)};
 }
 
 }  // namespace sm90
@@ -218,7 +222,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                 const int sq = fresh(0), sk = fresh(1), nheads = fresh(2);
                 const int num_m = (int)((u32)(sq + kBM - 1) / kBM);
                 if ((u32)tile >= (u32)num_m * (u32)nheads * (u32)fresh(4)) break;
-                const TileCoord tc = tile_coord(tile, num_m, nheads, kBM);
+                const TileCoord tc = tile_coord(tile, num_m, nheads, kBM, sq);
                 const int hk = (int)((u32)tc.h / (u32)(nheads / fresh(3)));
                 int nb_lo, nb_hi;
                 key_tile_range<BN>(tc.m0, kBM, sq, sk, fresh(5), fresh(6), nb_lo, nb_hi);
@@ -306,7 +310,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
             release(tile_empty(n & 1));
         }
         if (tile >= num_tiles) break;
-        const TileCoord tc = tile_coord(tile, num_m, p.nheads, kBM);
+        const TileCoord tc = tile_coord(tile, num_m, p.nheads, kBM, sq);
         const int h = tc.h, b = tc.b;
         int nb_lo, nb_hi;
         key_tile_range<BN>(tc.m0, kBM, sq, sk, wl, wr, nb_lo, nb_hi);
@@ -315,6 +319,28 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
         const int qb = kQB == 1 ? 0 : qt & 1;
         // (the window's base re-derived here, not kept live from the top: at 160 registers ptxas spills it)
         const u32 q_base = ((smem_addr(smem) + 1023u) & ~1023u) + qb * Tr::kQBytes + 64 * cw * 128;
+        // A warpgroup whose 64 rows all lie before row 0 (in the first, partial block of a head) computes
+        // nothing: it takes its turns and releases its slots (the producer and the other warpgroups count
+        // on both) and moves on. (Through a shuffle: warp-uniform for the compiler.)
+        if (__shfl_sync(0xffffffffu, (int)(r0 + 64 <= 0), 0)) {
+            if (n_iter > 0) {
+                mbar_wait(q_full(qb), (qt / kQB) & 1);
+                for (int it = 0; it <= n_iter; ++it) {  // n_iter + 1 turns, as the computing path takes
+                    const int s = (g + it) % STAGES, sp = (g + it - 1) % STAGES;
+                    if (it < n_iter) mbar_wait(k_full(s), ((g + it) / STAGES) & 1);
+                    if (it > 0) mbar_wait(v_full(sp), ((g + it - 1) / STAGES) & 1);
+                    turn_begin();
+                    turn_end();
+                    if (it < n_iter) release(k_empty(s));
+                    if (it > 0) release(v_empty(sp));
+                }
+                release(q_empty(qb));
+                g += n_iter;
+                ++qt;
+            }
+            if (!PERSIST) break;
+            continue;
+        }
         // Tiles that need the mask for some row of this warpgroup: keys past the smallest last_key or
         // before the largest first_key of its rows.
         const int r_hi = min(r0 + 63, sq - 1);
@@ -611,7 +637,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             inv_l[hh] = l > 0.f ? (DROPOUT ? p.dropout_scale : 1.f) / l : 0.f;  // 1 / (1 - p): dropout
             const int row = r0 + wrow + 8 * hh;
-            if (tq == 0 && row < sq && p.lse != nullptr)
+            if (tq == 0 && row >= 0 && row < sq && p.lse != nullptr)
                 p.lse[((i64)b * p.nheads + h) * sq + row] =
                     l > 0.f ? (row_m[hh] * mult + log2f(l)) * CUFLASH_LN2 : -INFINITY;
         }
@@ -620,7 +646,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
             // directly (no Q tile was loaded; a persistent block's Q / O buffer may be in use).
             const int r_end = min(r0 + 64, sq);
             const int ctid = tid & 127;
-            for (int r = r0 + (ctid >> 4); r < r_end; r += 8) {
+            for (int r = max(r0, 0) + (ctid >> 4); r < r_end; r += 8) {
                 T* orow = reinterpret_cast<T*>(p.o) + (i64)b * p.o_batch_stride + (i64)r * p.o_row_stride +
                           (i64)h * p.o_head_stride;
                 for (int c = ctid & 15; c < p.headdim; c += 16) orow[c] = from_float<T>(0.f);

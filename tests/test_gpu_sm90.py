@@ -91,6 +91,23 @@ def test_wide_tile_choice(causal, sq, wide):
     verify(run, ref, ref_lse, base)
 
 
+@pytest.mark.parametrize("d,causal,wide", [(64, True, True), (64, False, True), (64, True, False), (128, True, False),
+                                           (128, False, False), (256, True, False)])
+def test_partial_first_block_stays_in_its_rows(d, causal, wide):
+    """seqlen_q not a multiple of the query block: the blocks are aligned to the end of the sequence, so
+    each head's first block starts before row 0 (whole warpgroups there compute nothing). The output is
+    a view with guard rows before and after each sequence: they must stay NaN, and the rows right."""
+    sq, g = 1050, 200  # first block: rows -102 .. 25 (128-row blocks) or -102 .. 89 (192): warpgroup 0
+    run, ref, ref_lse, base = make_case("bfloat16", 3, sq, sq, 2, 2, d, causal=causal)  # idle, 1 straddles 0
+    tile = _launch_sm90.SM90_WIDE_TILES[d] if wide else _launch_sm90.tile_for(d)
+    buf = cupy.full((3, sq + 2 * g, 2, d), np.nan, run.out.dtype)
+    run.out = buf[:, g:g + sq]
+    _launch_sm90.forward_sm90(run, tile)
+    verify(run, ref, ref_lse, base)
+    assert bool(cupy.isnan(buf[:, :g].astype(cupy.float32)).all()), "rows before the sequence written"
+    assert bool(cupy.isnan(buf[:, g + sq:].astype(cupy.float32)).all()), "rows after the sequence written"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("sq,sk,window", [(300, 500, (17, 5)), (500, 300, (64, 0)), (256, 256, (0, 0)),
