@@ -149,7 +149,8 @@ def variants(arch: str | None = None) -> list[tuple[str, str]]:
 
 
 def _specs(run, tile: Sm90Tile):
-    return (_tma.spec_for("q", run.q, tile.block_m), _tma.spec_for("k", run.k, tile.block_n),
+    # Q and the output: 64-row boxes, one per consumer warpgroup
+    return (_tma.spec_for("q", run.q, 64), _tma.spec_for("k", run.k, tile.block_n),
             _tma.spec_for("v", run.v, tile.block_n), _tma.spec_for("out", run.out, 64))
 
 

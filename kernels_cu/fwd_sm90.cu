@@ -114,10 +114,10 @@ __device__ __forceinline__ void key_tile_range(int m0, int bm, int sq, int sk, i
 // Work tile t (0 .. num_tiles - 1) -> query block and (batch, head): head-major, and within a head
 // the query blocks last to first (for causal masks the heaviest first). Consecutive tiles share K / V
 // (L2 reuse), and the lightest tiles of the last head come last. The blocks are aligned to the end of
-// the sequence: block r (0 = the last) holds rows sq - (r + 1) bm .. sq - r bm - 1, so when bm does not
-// divide seqlen_q the partial block is the first one, the lightest under a causal mask, and its rows
-// before 0 are zero-filled by the Q load and skipped by the output store (TMA clips both); a consumer
-// warpgroup with no row at or after 0 computes nothing (see the consumers).
+// the sequence, rounded up to 64 rows: block r (0 = the last) holds rows e - (r + 1) bm .. e - r bm - 1
+// with e = seqlen_q rounded up to a multiple of 64. So when bm does not divide e, the partial block is
+// the first one, the lightest under a causal mask, and the warpgroups of its rows before 0 (whole 64-row
+// slices) load and compute nothing; no TMA copy has a negative coordinate.
 struct TileCoord {
     int m0, h, b;
 };
@@ -125,7 +125,7 @@ struct TileCoord {
 __device__ __forceinline__ TileCoord tile_coord(int t, int num_m, int nheads, int bm, int sq) {
     const u32 bh = (u32)t / (u32)num_m;
     const int r = (int)((u32)t - bh * (u32)num_m);
-    return TileCoord{sq - (r + 1) * bm, (int)(bh % (u32)nheads), (int)(bh / (u32)nheads)};
+    return TileCoord{(int)(((u32)sq + 63u) & ~63u) - (r + 1) * bm, (int)(bh % (u32)nheads), (int)(bh / (u32)nheads)};
 }
 
 }  // namespace sm90
@@ -229,11 +229,14 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                 auto load_q = [&]() {  // into buffer qt % kQB once the consumers are done with its last tile
                     const int qb = kQB == 1 ? 0 : qt & 1;
                     if (qt >= kQB) mbar_wait(q_empty(qb), ((qt / kQB) - 1) & 1);
-                    mbar_arrive_expect_tx(q_full(qb), Tr::kQBytes);
+                    // 64 rows per consumer warpgroup, none for those before row 0 (they compute nothing)
+                    const int w0 = tc.m0 < 0 ? -tc.m0 / 64 : 0;
+                    mbar_arrive_expect_tx(q_full(qb), (NWG - w0) * (Tr::kQBytes / NWG));
+                    for (int w = w0; w < NWG; ++w)
 #pragma unroll
-                    for (int c = 0; c < Tr::kChunks; ++c)
-                        tma_load_4d(sQ + qb * Tr::kQBytes + c * (kBM * 128), &maps.q, c * 64, tc.h, tc.m0, tc.b,
-                                    q_full(qb));
+                        for (int c = 0; c < Tr::kChunks; ++c)
+                            tma_load_4d(sQ + qb * Tr::kQBytes + c * (kBM * 128) + w * (64 * 128), &maps.q, c * 64,
+                                        tc.h, tc.m0 + 64 * w, tc.b, q_full(qb));
                     ++qt;
                 };
                 if (kQB > 1 && nb_hi > nb_lo) load_q();  // its buffer was freed a tile ago
@@ -319,10 +322,10 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
         const int qb = kQB == 1 ? 0 : qt & 1;
         // (the window's base re-derived here, not kept live from the top: at 160 registers ptxas spills it)
         const u32 q_base = ((smem_addr(smem) + 1023u) & ~1023u) + qb * Tr::kQBytes + 64 * cw * 128;
-        // A warpgroup whose 64 rows all lie before row 0 (in the first, partial block of a head) computes
+        // A warpgroup whose 64 rows lie before row 0 (in the first, partial block of a head) computes
         // nothing: it takes its turns and releases its slots (the producer and the other warpgroups count
         // on both) and moves on. (Through a shuffle: warp-uniform for the compiler.)
-        if (__shfl_sync(0xffffffffu, (int)(r0 + 64 <= 0), 0)) {
+        if (__shfl_sync(0xffffffffu, (int)(r0 < 0), 0)) {
             if (n_iter > 0) {
                 mbar_wait(q_full(qb), (qt / kQB) & 1);
                 for (int it = 0; it <= n_iter; ++it) {  // n_iter + 1 turns, as the computing path takes
@@ -637,7 +640,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
             l += __shfl_xor_sync(0xffffffffu, l, 2);
             inv_l[hh] = l > 0.f ? (DROPOUT ? p.dropout_scale : 1.f) / l : 0.f;  // 1 / (1 - p): dropout
             const int row = r0 + wrow + 8 * hh;
-            if (tq == 0 && row >= 0 && row < sq && p.lse != nullptr)
+            if (tq == 0 && row < sq && p.lse != nullptr)
                 p.lse[((i64)b * p.nheads + h) * sq + row] =
                     l > 0.f ? (row_m[hh] * mult + log2f(l)) * CUFLASH_LN2 : -INFINITY;
         }
@@ -646,7 +649,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
             // directly (no Q tile was loaded; a persistent block's Q / O buffer may be in use).
             const int r_end = min(r0 + 64, sq);
             const int ctid = tid & 127;
-            for (int r = max(r0, 0) + (ctid >> 4); r < r_end; r += 8) {
+            for (int r = r0 + (ctid >> 4); r < r_end; r += 8) {
                 T* orow = reinterpret_cast<T*>(p.o) + (i64)b * p.o_batch_stride + (i64)r * p.o_row_stride +
                           (i64)h * p.o_head_stride;
                 for (int c = ctid & 15; c < p.headdim; c += 16) orow[c] = from_float<T>(0.f);

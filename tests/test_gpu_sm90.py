@@ -91,14 +91,16 @@ def test_wide_tile_choice(causal, sq, wide):
     verify(run, ref, ref_lse, base)
 
 
+@pytest.mark.parametrize("sq", [1000, 1050])
 @pytest.mark.parametrize("d,causal,wide", [(64, True, True), (64, False, True), (64, True, False), (128, True, False),
                                            (128, False, False), (256, True, False)])
-def test_partial_first_block_stays_in_its_rows(d, causal, wide):
-    """seqlen_q not a multiple of the query block: the blocks are aligned to the end of the sequence, so
-    each head's first block starts before row 0 (whole warpgroups there compute nothing). The output is
-    a view with guard rows before and after each sequence: they must stay NaN, and the rows right."""
-    sq, g = 1050, 200  # first block: rows -102 .. 25 (128-row blocks) or -102 .. 89 (192): warpgroup 0
-    run, ref, ref_lse, base = make_case("bfloat16", 3, sq, sq, 2, 2, d, causal=causal)  # idle, 1 straddles 0
+def test_partial_first_block_stays_in_its_rows(sq, d, causal, wide):
+    """seqlen_q not a multiple of the query block: the blocks are aligned to the end of the sequence
+    (rounded up to 64 rows), so each head's first block starts before row 0 and its warpgroups there
+    compute nothing (1000 rows, 192-row blocks: two of three; else one). The output is a view with guard
+    rows before and after each sequence: they must stay NaN, and the rows right."""
+    g = 200
+    run, ref, ref_lse, base = make_case("bfloat16", 3, sq, sq, 2, 2, d, causal=causal)
     tile = _launch_sm90.SM90_WIDE_TILES[d] if wide else _launch_sm90.tile_for(d)
     buf = cupy.full((3, sq + 2 * g, 2, d), np.nan, run.out.dtype)
     run.out = buf[:, g:g + sq]
