@@ -32,7 +32,8 @@ class Sm90Tile:
     sched: int = 2           # consumer order per tile: 0 serial, 1 overlap, 2 batched, 3 / 4 = 1 / 2 with
                              # O's rescale deferred to the next turn (fwd_sm90.cu kSched*)
     persist: bool = True     # min(tiles, SMs) blocks loop over work tiles (atomic tile counter)
-    q_bufs: int = 2          # persistent: Q buffers (2: the next tile's Q loads early), where 2 fit
+    q_bufs: int = 2          # persistent: Q buffers asked for (2: the next tile's Q loads as soon as the
+                             # tile is claimed), granted where they fit beside the output buffer
     dropout: bool = False    # the DROPOUT variant (Params::dropout_p > 0); needs block_n % 32 == 0
 
     @property
@@ -88,8 +89,9 @@ class Sm90Tile:
 #         rescale (sched 4) +1.3% median over 6 cells (session 9: 651 vs 630 at 4k)
 #   d192: not measured (BN 96 fits the same registers and 193 KB).
 SM90_FORWARD_TILES = {
-    64: Sm90Tile(64, 128, 3),                    # 129 KB; two consumers: short causal (see below)
-    128: Sm90Tile(128, 128, 2, sched=3),         # 193 KB; intra-warpgroup overlap, late O rescale
+    64: Sm90Tile(64, 128, 3),                    # 145 KB (two Q buffers); the table takes the wide tile
+    # one Q buffer: two (225 KB) measured 1-6% slower at d128 (session 12, 4 cells, 5 interleaved rounds)
+    128: Sm90Tile(128, 128, 2, sched=3, q_bufs=1),  # 193 KB; intra-warpgroup overlap, late O rescale
     192: Sm90Tile(192, 96, 2, persist=False),    # 193 KB
     256: Sm90Tile(256, 80, 2, sched=4, persist=False),  # 225 KB; batched, late O rescale
 }
@@ -97,11 +99,13 @@ SM90_FORWARD_TILES = {
 # the two GEMMs, so two warpgroups' softmax must hide behind the third's MMAs. Measured (same run,
 # TFLOP/s, two -> three): non-causal 512..16k 341 -> 359, 380 -> 406, 397 -> 481, 413 -> 501, 421 -> 500,
 # 435 -> 540; causal 2k..16k 342 -> 369, 381 -> 417, 400 -> 448, 432 -> 437, but causal 512 / 1k lose
-# (220 -> 153, 287 -> 265: 192-row blocks fit short causal sequences badly). wide_tile() decides.
+# (220 -> 153, 287 -> 265: 192-row blocks fit short causal sequences badly while they started at row 0 and
+# the partial block, the last and heaviest, computed all its rows). Since the blocks are aligned to the
+# sequence's end and warpgroups before row 0 compute nothing (session 12), three consumers win there too:
+# causal 512 / 1k 223 / 309 vs two consumers' 216 / 291, 2k 386 vs 347 (5 interleaved rounds).
 SM90_WIDE_TILES = {
-    64: Sm90Tile(64, 128, 3, consumers=3),       # 145 KB
+    64: Sm90Tile(64, 128, 3, consumers=3),       # 169 KB (two Q buffers)
 }
-WIDE_CAUSAL_MIN_SEQLEN = 2048
 # Dropout: the keep bits are drawn per 32 keys (philox.cuh's DropoutFrag: the four lanes of a quad split
 # the n8 tiles), so the key tile must be a multiple of 32; d256's BN 80 tile takes BN 64 then (1 block per
 # tile, 2 stages: 193 KB).
@@ -125,9 +129,7 @@ def dropout_tile(tile: Sm90Tile) -> Sm90Tile:
 def choose(run) -> Sm90Tile:
     """The tile of ``run``: the head-dim bucket's, or its three-consumer tile where that was faster."""
     base = tile_for(run.headdim)
-    wide = SM90_WIDE_TILES.get(base.headdim_bucket)
-    if wide is not None and not (run.causal and run.seqlen_q < WIDE_CAUSAL_MIN_SEQLEN):
-        base = wide
+    base = SM90_WIDE_TILES.get(base.headdim_bucket, base)
     return dropout_tile(base) if run.dropout_p > 0 else base
 
 
