@@ -229,14 +229,15 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                 auto load_q = [&]() {  // into buffer qt % kQB once the consumers are done with its last tile
                     const int qb = kQB == 1 ? 0 : qt & 1;
                     if (qt >= kQB) mbar_wait(q_empty(qb), ((qt / kQB) - 1) & 1);
-                    // 64 rows per consumer warpgroup, none for those before row 0 (they compute nothing)
-                    const int w0 = tc.m0 < 0 ? -tc.m0 / 64 : 0;
-                    mbar_arrive_expect_tx(q_full(qb), (NWG - w0) * (Tr::kQBytes / NWG));
-                    for (int w = w0; w < NWG; ++w)
+                    // 64 rows per consumer warpgroup; a warpgroup before row 0 (it computes nothing) gets
+                    // rows 0 .. 63 instead, never read (no negative coordinate; a fixed byte count)
+                    mbar_arrive_expect_tx(q_full(qb), Tr::kQBytes);
+#pragma unroll
+                    for (int w = 0; w < NWG; ++w)
 #pragma unroll
                         for (int c = 0; c < Tr::kChunks; ++c)
                             tma_load_4d(sQ + qb * Tr::kQBytes + c * (kBM * 128) + w * (64 * 128), &maps.q, c * 64,
-                                        tc.h, tc.m0 + 64 * w, tc.b, q_full(qb));
+                                        tc.h, max(tc.m0 + 64 * w, 0), tc.b, q_full(qb));
                     ++qt;
                 };
                 if (kQB > 1 && nb_hi > nb_lo) load_q();  // its buffer was freed a tile ago
