@@ -4,7 +4,8 @@
         [--variant ...] [--rounds 5]
 
 Each round times every implementation once per cell (triton do_bench median, CUDA events), in turn, so
-that clock and thermal drift fall on all of them alike; the table gives the median over the rounds,
+that clock and thermal drift fall on all of them alike, and the order turns by one place each round (a
+fixed order measured the one timed last a few percent faster); the table gives the median over the rounds,
 TFLOP/s in FlashAttention's convention (bf16, 16k tokens, hidden 2048). A variant is a full Sm90Tile
 and runs only on cells of its head-dim bucket ("cuflash" is the table's choice). Every output is
 checked against torch's flash backend (max abs difference, printed).
@@ -86,7 +87,9 @@ def main(argv=None) -> int:
                 if tile.headdim_bucket == bucket:
                     impls[label] = (lambda: cuflash.attention(q, k, v, causal=causal), tile)
             ref = None
-            for name, (fn, tile) in impls.items():
+            order = list(impls.items())
+            order = order[:1] + order[1:][r % (len(order) - 1):] + order[1:][:r % (len(order) - 1)]  # fa2 first
+            for name, (fn, tile) in order:
                 def timed(fn=fn):
                     o = fn()
                     return o, do_bench(fn, warmup=10, rep=args.rep, return_mode="median")
