@@ -90,10 +90,11 @@ class Sm90Tile:
 #   d192: not measured (BN 96 fits the same registers and 193 KB).
 SM90_FORWARD_TILES = {
     64: Sm90Tile(64, 128, 3),                    # 145 KB (two Q buffers); the table takes the wide tile
-    # one Q buffer: two (225 KB) measured 1-6% slower at d128 (session 12, 4 cells, 5 interleaved rounds)
-    128: Sm90Tile(128, 128, 2, sched=3, q_bufs=1),  # 193 KB; intra-warpgroup overlap, late O rescale
+    # two Q buffers (225 KB): +0-3% over one (session 12, 3 cells, 6 rounds in turned order)
+    128: Sm90Tile(128, 128, 2, sched=3),         # 225 KB; intra-warpgroup overlap, late O rescale
     192: Sm90Tile(192, 96, 2, persist=False),    # 193 KB
-    256: Sm90Tile(256, 80, 2, sched=4, persist=False),  # 225 KB; batched, late O rescale
+    # overlap order + late rescale (sched 3): +2.6-3.5% over the batched one (sched 4) in 3 cells (session 12)
+    256: Sm90Tile(256, 80, 2, sched=3, persist=False),  # 225 KB
 }
 # Three consumer warpgroups (192 query rows, 160 registers each): at d64 the softmax takes longer than
 # the two GEMMs, so two warpgroups' softmax must hide behind the third's MMAs. Measured (same run,
