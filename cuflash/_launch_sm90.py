@@ -121,10 +121,16 @@ def tile_for(headdim: int) -> Sm90Tile:
     raise ValueError(f"headdim {headdim} is above the largest sm90 bucket {HEADDIM_BUCKETS_SM90[-1]}")
 
 
+# The three-consumer DROPOUT kernel (160 registers) spills 12 bytes under NVRTC 13.5 since the session-12
+# changes (end-aligned blocks, two Q buffers); d64 dropout runs on two consumers (spill-free in 13.0 / 13.5).
+DROPOUT_CONSUMERS = {64: 2}
+
+
 def dropout_tile(tile: Sm90Tile) -> Sm90Tile:
     """The DROPOUT variant of ``tile`` (with a key tile of a multiple of 32 keys)."""
     bn = DROPOUT_BLOCK_N.get(tile.headdim_bucket, tile.block_n)
-    return replace(tile, block_n=bn, dropout=True)
+    nwg = min(tile.consumers, DROPOUT_CONSUMERS.get(tile.headdim_bucket, tile.consumers))
+    return replace(tile, block_n=bn, consumers=nwg, dropout=True)
 
 
 def choose(run) -> Sm90Tile:
