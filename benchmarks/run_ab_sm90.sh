@@ -7,24 +7,8 @@ set -uo pipefail
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 CUFLASH_CACHE_DIR=${CUFLASH_CACHE_DIR:-$PWD/.kcache}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 benchmarks/precompile_files.py fwd_sm90.cu fwd_sm80.cu 2>&1 | tail -2
-# and, in parallel, the kernel variants tests/test_gpu_sm90.py times (else they compile one by one)
-python3 - <<'PY' 2>&1 | tail -2
-from concurrent.futures import ProcessPoolExecutor
-from cuflash import _compile, _launch_sm90 as L
-from tests.test_gpu_sm90 import VARIANTS
-names = sorted({L.kernel_name(dt, f(L.tile_for(d))) for f in VARIANTS.values() for d in (64, 128, 192, 256)
-                for dt in ("float16", "bfloat16") if not (d > 64 and f(L.tile_for(d)).consumers == 3)})
-def one(n):
-    try:
-        _compile.compile_cubin(L.FILE, (n,), "sm_90a")
-    except Exception as e:
-        return f"COMPILE FAILED {n}: {str(e)[:300]}"
-with ProcessPoolExecutor(16) as ex:
-    for r in ex.map(one, names):
-        if r: print(r)
-print(f"precompiled {len(names)} test variants")
-PY
+# (with the kernel variants tests/test_gpu_sm90.py builds: else they compile one by one)
+python3 benchmarks/precompile_files.py --sm90-test-variants fwd_sm90.cu fwd_sm80.cu 2>&1 | tail -2
 TEST_FILES=${TEST_FILES-tests/test_gpu_sm90.py}  # TEST_FILES= (empty): no tests
 if [ -n "$TEST_FILES" ]; then
     timeout ${TESTS_S:-240} python3 -m pytest -q -rs -x $TEST_FILES -k "${TESTS_K:-not 64bit}" \

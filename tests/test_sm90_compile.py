@@ -41,6 +41,26 @@ def test_variants_only_for_sm90a():
 
 
 @requires_nvrtc
+def test_host_smem_and_q_buffers_equal_kernel_traits():
+    """Sm90Tile.smem / q_buffers / own_o equal Sm90FwdTraits' (static_assert in one NVRTC compile): the
+    launch's shared memory and the kernel's layout come from the same rule."""
+    from dataclasses import replace
+
+    tiles = list(_launch_sm90.SM90_FORWARD_TILES.values()) + list(_launch_sm90.SM90_WIDE_TILES.values())
+    tiles += [_launch_sm90.dropout_tile(t) for t in tiles]
+    tiles += [replace(t, q_bufs=1) for t in tiles] + [replace(t, persist=not t.persist) for t in tiles]
+    checks = []
+    for t in dict.fromkeys(tiles):
+        tr = (f"cuflash::sm90::Sm90FwdTraits<{t.headdim_bucket}, {t.block_n}, {t.stages}, {t.consumers}, "
+              f"{t.q_buffers if t.persist else 0}>")
+        checks.append(f'static_assert({tr}::kSmemBytes == {t.smem}, "smem {t}");')
+        checks.append(f'static_assert({tr}::kQBufs == {t.q_buffers}, "q buffers {t}");')
+        checks.append(f'static_assert({tr}::kOwnO == {"true" if t.own_o else "false"}, "own o {t}");')
+    src = _compile.build_source(_launch_sm90.FILE) + "\n" + "\n".join(checks) + "\n"
+    _compile._nvrtc_compile(src, "fwd_sm90_traits_check.cu", (), _compile._options("sm_90a", ()))
+
+
+@requires_nvrtc
 def test_every_variant_compiles_without_spills_or_serialised_wgmma():
     res = compile_variants(lambda arch: _launch_sm90.variants(arch), ("sm_90a",))
     assert len(res) == len(_launch_sm90.variants("sm_90a"))
