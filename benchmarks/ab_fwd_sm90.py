@@ -7,8 +7,8 @@ Each round times every implementation once per cell (triton do_bench median, CUD
 that clock and thermal drift fall on all of them alike, and the order turns by one place each round (a
 fixed order measured the one timed last a few percent faster); the table gives the median over the rounds,
 TFLOP/s in FlashAttention's convention (bf16, 16k tokens, hidden 2048). A variant is a full Sm90Tile
-and runs only on cells of its head-dim bucket ("cuflash" is the table's choice). Every output is
-checked against torch's flash backend (max abs difference, printed).
+and runs only on cells of its head-dim bucket (one label may name one tile per bucket; "cuflash" is the
+table's choice). Every output is checked against torch's flash backend (max abs difference, printed).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ def main(argv=None) -> int:
     import cuflash
     from cuflash import _api, _launch_sm90
 
-    variants = {}
+    variants = []  # (label, tile): one label may name a tile per head-dim bucket
     for spec in args.variant:
         label, _, expr = spec.partition("=")
-        variants[label] = eval(expr, {"Sm90Tile": _launch_sm90.Sm90Tile})  # noqa: S307
+        variants.append((label, eval(expr, {"Sm90Tile": _launch_sm90.Sm90Tile})))  # noqa: S307
     tiles0, wide0 = dict(_launch_sm90.SM90_FORWARD_TILES), dict(_launch_sm90.SM90_WIDE_TILES)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.rounds} rounds")
     os.environ["CUFLASH_DISABLE_SM90"] = "0"
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
                 impls[name] = (peer, None)
             impls["cuflash"] = (lambda: cuflash.attention(q, k, v, causal=causal), None)
             bucket = _launch_sm90.tile_for(hd).headdim_bucket
-            for label, tile in variants.items():
+            for label, tile in variants:
                 if tile.headdim_bucket == bucket:
                     impls[label] = (lambda: cuflash.attention(q, k, v, causal=causal), tile)
             ref = None
