@@ -35,8 +35,6 @@ class Sm90Tile:
     q_bufs: int = 2          # persistent: Q buffers asked for (2: the next tile's Q loads as soon as the
                              # tile is claimed), granted where they fit beside the output buffer
     dropout: bool = False    # the DROPOUT variant (Params::dropout_p > 0); needs block_n % 32 == 0
-    cluster: int = 1         # 2: fwd_sm90_mc, K / V multicast over clusters of two blocks (calls whose
-                             # query blocks all visit the same key tiles: no causal mask, no window)
 
     @property
     def block_m(self) -> int:
@@ -146,8 +144,7 @@ def kernel_name(dtype: str, tile: Sm90Tile) -> str:
     pp = "true" if tile.pingpong else "false"
     ps = tile.q_buffers if tile.persist else 0  # PERSIST: 0 one block per tile, else the Q buffers
     drop = ", true" if tile.dropout else ""
-    fn = "fwd_sm90_mc" if tile.cluster == 2 else "fwd_sm90"
-    return (f"cuflash::{fn}<{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.block_n}, {tile.stages}, "
+    return (f"cuflash::fwd_sm90<{CTYPES[dtype]}, {tile.headdim_bucket}, {tile.block_n}, {tile.stages}, "
             f"{tile.consumers}, {pp}, {tile.sched}, {ps}{drop}>")
 
 
@@ -193,23 +190,13 @@ def supports(run) -> bool:
 
 
 def num_tiles(run, tile: Sm90Tile) -> int:
-    """Work tiles of a launch: query blocks (a cluster's pairs: counted up to even) x heads x batch."""
-    m = -(-run.seqlen_q // tile.block_m)
-    return -(-m // tile.cluster) * tile.cluster * run.nheads * run.batch
-
-
-def full_range(run) -> bool:
-    """Whether every query row keeps every key (no causal mask, no window that masks anything): then all
-    query blocks of a head visit the same key tiles, which the multicast clusters need."""
-    left, right = run.window
-    return (left < 0 or left >= run.seqlen_k) and (right < 0 or right >= run.seqlen_q)
+    """Work tiles of a launch: query blocks x heads x batch."""
+    return -(-run.seqlen_q // tile.block_m) * run.nheads * run.batch
 
 
 def forward_sm90(run, tile: Sm90Tile | None = None) -> None:
     """Launch the Hopper forward (``tile`` overrides the table: tests and benchmarks)."""
     tile = tile or choose(run)
-    if tile.cluster > 1 and not full_range(run):
-        tile = replace(tile, cluster=1)
     tiles = num_tiles(run, tile)
     extra = {}
     if tile.persist:
@@ -219,14 +206,11 @@ def forward_sm90(run, tile: Sm90Tile | None = None) -> None:
             sms = num_sms(run.device_id)
         except Exception:
             sms = 132
-        if tile.cluster > 1:  # whole clusters; the static schedule needs no counter
-            grid = (max(tile.cluster, min(tiles, sms) // tile.cluster * tile.cluster), 1, 1)
-        else:
-            grid = (min(tiles, sms), 1, 1)
-            counter = empty(run, (1,), "int32")
-            run.scratch["sm90_tile_counter"] = counter  # alive until the launch is enqueued
-            memset(run, counter)  # through the launch layer: the plan cache replays it
-            extra["counters"] = ptr(counter)
+        grid = (min(tiles, sms), 1, 1)
+        counter = empty(run, (1,), "int32")
+        run.scratch["sm90_tile_counter"] = counter  # alive until the launch is enqueued
+        memset(run, counter)  # through the launch layer: the plan cache replays it
+        extra["counters"] = ptr(counter)
     else:
         grid = (tiles, 1, 1)
     launch(run, FILE, kernel_name(run.dtype, tile), grid, (tile.threads,), run.params(**extra), tile.smem,

@@ -38,7 +38,6 @@
 //     rather than held across the loop, as in fwd_sm80.cu. tests/test_decode_compile.py checks 0 spills
 //     and 0 stack for every variant on sm_80 and sm_90a.
 #include "mask.cuh"
-#include "cluster.cuh"
 #include "mma.cuh"
 #include "softmax.cuh"
 #include "traits_decode.cuh"
@@ -65,6 +64,33 @@ __device__ __forceinline__ void stg_f32x4(float* ptr, float4 v) {
 }
 __device__ __forceinline__ u32 pick4(u32 a, u32 b, u32 c, u32 d, int i) {
     return i == 0 ? a : i == 1 ? b : i == 2 ? c : d;
+}
+
+// ---- thread-block clusters (sm_90+; only the cluster variants use these) ---------------------------
+__device__ __forceinline__ void cluster_sync() {  // every thread of every block of the cluster
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+// The shared::cluster address of `addr` (this block's shared window) in the block of rank `rank`.
+__device__ __forceinline__ u32 map_rank(u32 addr, u32 rank) {
+    u32 a;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(addr), "r"(rank));
+    return a;
+}
+__device__ __forceinline__ float ldc_f32(u32 addr) {
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
+    return v;
+}
+__device__ __forceinline__ float4 ldc_f32x4(u32 addr) {
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(addr) : "memory");
+    return v;
 }
 
 // Per-thread column plan of a tile copy: thread t copies 16-byte chunk t % 8 of every 64-column block.
@@ -161,8 +187,8 @@ __device__ __forceinline__ void cluster_merge(const Params& p, const Pos& f, int
     using namespace sm80;
     constexpr int kQuads = ROWS * D / 4, kPer = (kQuads + CL - 1) / CL;
     constexpr u32 kLse = (u32)(ROWS * D * 4);
-    cluster::sync_all();
-    const int rank = (int)cluster::rank();
+    cluster_sync();
+    const int rank = (int)cluster_rank();
     const int e_end = min((rank + 1) * kPer, kQuads);
     for (int e = rank * kPer + ft; e < e_end; e += THREADS) {
         const int row = e / (D / 4), col = (e % (D / 4)) * 4;
@@ -171,7 +197,7 @@ __device__ __forceinline__ void cluster_merge(const Params& p, const Pos& f, int
         float l2[CL], mx = -INFINITY;
 #pragma unroll
         for (int s = 0; s < CL; ++s) {
-            l2[s] = cluster::ld_f32(cluster::map_rank(cbuf + kLse + (u32)(row * 4), (u32)s));
+            l2[s] = ldc_f32(map_rank(cbuf + kLse + (u32)(row * 4), (u32)s));
             mx = fmaxf(mx, l2[s]);
         }
         float sum = 0.f, o0 = 0.f, o1 = 0.f, o2 = 0.f, o3 = 0.f;
@@ -179,7 +205,7 @@ __device__ __forceinline__ void cluster_merge(const Params& p, const Pos& f, int
 #pragma unroll
             for (int s = 0; s < CL; ++s) {
                 const float w = ex2(l2[s] - mx);  // 0 for a slice with lse -inf
-                const float4 v = cluster::ld_f32x4(cluster::map_rank(cbuf + (u32)((row * D + col) * 4), (u32)s));
+                const float4 v = ldc_f32x4(map_rank(cbuf + (u32)((row * D + col) * 4), (u32)s));
                 sum += w;
                 o0 = fmaf(w, v.x, o0);
                 o1 = fmaf(w, v.y, o1);
@@ -200,7 +226,7 @@ __device__ __forceinline__ void cluster_merge(const Params& p, const Pos& f, int
         if (col == 0 && p.lse != nullptr)
             p.lse[((i64)f.b * p.nheads + head) * p.seqlen_q + qi] = sum > 0.f ? (mx + log2f(sum)) * CUFLASH_LN2 : -INFINITY;
     }
-    cluster::sync_all();
+    cluster_sync();
 }
 
 }  // namespace decode

@@ -34,11 +34,6 @@
 //     The key tile must hold a multiple of 32 keys (BN = 128, 96, 64: the host picks such a tile).
 //
 // Not here (the host routes these to fwd_sm80.cu): split-KV, packed GQA for decoding.
-//
-// Probes, for measurements only (set through CUFLASH_NVRTC_DEFINES; the results are wrong):
-// CUFLASH_SM90_PROBE_NOKV: the producer marks the K / V slots full without loading them (no L2 / HBM
-// traffic for K and V); CUFLASH_SM90_PROBE_NOSOFTMAX: the softmax is skipped (the scores go to P as they are).
-#include "cluster.cuh"
 #include "mask.cuh"
 #include "philox.cuh"
 #include "mma.cuh"
@@ -55,7 +50,7 @@ struct TmaMaps {
 
 // PERSIST: 0 one block per work tile; 1 or 2 persistent blocks with that many Q buffers asked for (see
 // kQBufs).
-template <int D, int BN, int STAGES, int NWG, int PERSIST, int MC = 1>
+template <int D, int BN, int STAGES, int NWG, int PERSIST>
 struct Sm90FwdTraits {
     static constexpr int kBM = 64 * NWG;            // NWG consumer warpgroups x 64 rows
     static constexpr int kThreads = 128 * (NWG + 1);  // producer + consumers
@@ -85,7 +80,6 @@ struct Sm90FwdTraits {
     static_assert(BN % 16 == 0 && BN >= 16 && BN <= 256, "key tile must be a multiple of 16, at most 256");
     static_assert(STAGES >= 2, "at least two slots per ring");
     static_assert(PERSIST >= 0 && PERSIST <= 2, "PERSIST: 0, 1 or 2");
-    static_assert(MC == 1 || (MC == 2 && kChunks % 2 == 0), "K / V multicast: pairs of blocks, D / 64 even");
     // The pool setmaxnreg redistributes is what the launch allocated: the launch-bounds register count
     // (65536 / threads, rounded down to a multiple of 8) per thread; asking for more waits forever.
     static_assert(kProducerRegs * 128 + NWG * 128 * kConsumerRegs <= ((65536 / kThreads) & ~7) * kThreads,
@@ -143,22 +137,14 @@ __device__ __forceinline__ TileCoord tile_coord(int t, int num_m, int nheads, in
 // K / V and, once free, its Q) while the consumers finish the current one; the output of one tile is
 // stored (TMA, asynchronous) while the next one computes; with two Q buffers (PERSIST = 2, where they
 // fit) the next tile's Q is loaded as soon as the tile is claimed. PERSIST = 0: one block per tile.
-//
-// MC = 2 (fwd_sm90_mc: clusters of two blocks; only for calls where every query block visits the same key
-// tiles, i.e. no causal mask and no window): the two blocks of a cluster compute adjacent query blocks of
-// one (batch, head) and share its K / V tiles. Each producer loads half of the column blocks of every K /
-// V tile and multicasts it into both blocks' slots (completing both blocks' full barriers, which expect
-// the whole tile); a slot is refilled only once the consumers of both blocks have released it (the empty
-// barriers count the arrivals of both), so the L2 -> SM traffic for K and V halves. The tile schedule is
-// static (tile += grid size: both blocks of a cluster walk the same sequence), the query blocks of a head
-// are counted up to an even number (an extra block lies wholly before row 0: its warpgroups compute
-// nothing), and a cluster barrier at the end keeps each block's barriers alive for the other's arrivals.
-template <typename T, int D, int BN, int STAGES, int NWG, bool PINGPONG, int SCHED, int PERSIST, bool DROPOUT, int MC>
-__device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMaps& maps) {
+template <typename T, int D, int BN, int STAGES, int NWG, bool PINGPONG, int SCHED, int PERSIST,
+          bool DROPOUT = false>
+__global__ void __launch_bounds__(128 * (NWG + 1), 1)
+fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps maps) {
     using namespace sm90;
     using sm80::ex2;
     using sm80::smem_addr;
-    using Tr = Sm90FwdTraits<D, BN, STAGES, NWG, PERSIST, MC>;
+    using Tr = Sm90FwdTraits<D, BN, STAGES, NWG, PERSIST>;
     constexpr int kBM = Tr::kBM;
     constexpr int kNT = BN / 8;   // n8 tiles of the score fragment
     constexpr int kKS = D / 16;   // k-steps of S = Q K^T
@@ -201,8 +187,8 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(k_full(s), 1);
             mbar_init(v_full(s), 1);
-            mbar_init(k_empty(s), MC * kConsumerWarps);  // (MC = 2: the consumers of both blocks)
-            mbar_init(v_empty(s), MC * kConsumerWarps);
+            mbar_init(k_empty(s), kConsumerWarps);
+            mbar_init(v_empty(s), kConsumerWarps);
         }
         for (int s = 0; s < 2; ++s) {
             mbar_init(tile_full(s), 1);
@@ -210,11 +196,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
         }
         mbar_init_fence();
     }
-    if constexpr (MC > 1) {
-        cluster::sync_all();  // the other block's barriers are initialised before any multicast or arrival
-    } else {
-        __syncthreads();
-    }
+    __syncthreads();
 
     if (wg == 0) {
         // ---- producer ---------------------------------------------------------------------------------
@@ -228,19 +210,6 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
             prefetch_tma_desc(&maps.q);
             prefetch_tma_desc(&maps.k);
             prefetch_tma_desc(&maps.v);
-            // One K or V tile (BN keys from k0) into the slot at dst: all its column blocks, or (MC = 2) this
-            // block's half of them, multicast into the same slot of both blocks of the cluster.
-            auto load_kv = [&](u32 dst, const TmaDesc* map, int hk, int k0, int b, u32 bar) {
-                if constexpr (MC > 1) {
-                    const int c0 = (int)cluster::rank() * (Tr::kChunks / 2);
-#pragma unroll
-                    for (int c = 0; c < Tr::kChunks / 2; ++c)
-                        tma_load_4d_multicast(dst + (c0 + c) * (BN * 128), map, (c0 + c) * 64, hk, k0, b, bar, 3);
-                } else {
-#pragma unroll
-                    for (int c = 0; c < Tr::kChunks; ++c) tma_load_4d(dst + c * (BN * 128), map, c * 64, hk, k0, b, bar);
-                }
-            };
             int g = 0;   // K / V tiles loaded so far (ring position and phase)
             int qt = 0;  // Q tiles loaded so far
             int tile = sreg_ctaid_x();
@@ -251,7 +220,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
                     mbar_arrive(tile_full(n & 1));  // release: the slot write is visible to the waiters
                 }
                 const int sq = fresh(0), sk = fresh(1), nheads = fresh(2);
-                const int num_m = (int)(((u32)(sq + kBM - 1) / kBM + (MC - 1)) / MC * MC);
+                const int num_m = (int)((u32)(sq + kBM - 1) / kBM);
                 if ((u32)tile >= (u32)num_m * (u32)nheads * (u32)fresh(4)) break;
                 const TileCoord tc = tile_coord(tile, num_m, nheads, kBM, sq);
                 const int hk = (int)((u32)tc.h / (u32)(nheads / fresh(3)));
@@ -277,32 +246,26 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
                     const u32 ph = (g / STAGES) & 1;
                     const int k0 = (nb_hi - 1 - it) * BN;
                     if (g >= STAGES) mbar_wait(k_empty(s), ph ^ 1);
-#ifdef CUFLASH_SM90_PROBE_NOKV
-                    mbar_arrive(k_full(s));
-#else
                     mbar_arrive_expect_tx(k_full(s), Tr::kKVBytes);
-                    load_kv(sK + s * Tr::kKVBytes, &maps.k, hk, k0, tc.b, k_full(s));
-#endif
+#pragma unroll
+                    for (int c = 0; c < Tr::kChunks; ++c)
+                        tma_load_4d(sK + s * Tr::kKVBytes + c * (BN * 128), &maps.k, c * 64, hk, k0, tc.b, k_full(s));
                     // One Q buffer: Q behind the first K tile, which may already stream while Q frees up.
                     if (kQB == 1 && it == 0) load_q();
                     if (g >= STAGES) mbar_wait(v_empty(s), ph ^ 1);
-#ifdef CUFLASH_SM90_PROBE_NOKV
-                    mbar_arrive(v_full(s));
-#else
                     mbar_arrive_expect_tx(v_full(s), Tr::kKVBytes);
-                    load_kv(sV + s * Tr::kKVBytes, &maps.v, hk, k0, tc.b, v_full(s));
-#endif
+#pragma unroll
+                    for (int c = 0; c < Tr::kChunks; ++c)
+                        tma_load_4d(sV + s * Tr::kKVBytes + c * (BN * 128), &maps.v, c * 64, hk, k0, tc.b, v_full(s));
                 }
                 if (!PERSIST) break;
                 // The next tile is claimed only now, with this one's loads issued (the consumers are at
                 // most STAGES key tiles behind): claimed earlier, the choice would run a whole tile
                 // ahead of the work and hand out tiles round-robin, blind to how long each takes
                 // (measured: causal 16k 5-10% slower that way than one block per tile).
-                // MC = 2: the static schedule (both blocks of a cluster walk the same tiles, in pairs).
-                tile = MC > 1 ? tile + sreg_nctaid_x() : atomicAdd(p.counters, 1) + sreg_nctaid_x();
+                tile = atomicAdd(p.counters, 1) + sreg_nctaid_x();
             }
         }
-        if constexpr (MC > 1) cluster::sync_all_unconverged();  // (see the end of the consumers)
         return;
     }
 
@@ -313,7 +276,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
     const int sq = p.seqlen_q, sk = p.seqlen_k;
     const int shift = sk - sq;  // query i sits at key position i + shift (bottom-right alignment)
     const int wl = p.window_left, wr = p.window_right;
-    const int num_m = ((sq + kBM - 1) / kBM + (MC - 1)) / MC * MC;  // MC = 2: counted in pairs
+    const int num_m = (sq + kBM - 1) / kBM;
     const int num_tiles = num_m * p.nheads * p.batch;
     const int tid = sreg_tid(), lane = tid & 31;  // re-derived: nothing stays live across setmaxnreg
     const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
@@ -329,14 +292,6 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
     auto release = [&](u32 bar) {  // this warp is done reading a slot
         __syncwarp();
         if (lane == 0) mbar_arrive(bar);
-    };
-    // A K / V slot: MC = 2, also in the other block of the cluster (its producer refills both blocks' slot).
-    auto release_kv = [&](u32 bar) {
-        __syncwarp();
-        if (lane == 0) {
-            mbar_arrive(bar);
-            if constexpr (MC > 1) cluster::mbar_arrive(cluster::map_rank(bar, cluster::rank() ^ 1u));
-        }
     };
     // PINGPONG: the consumers issue their MMAs in turns, 0, 1, .., NWG - 1, 0, ... (named barrier
     // kBarPingPong + cw: my turn; then I hand it to the next). The last consumer opens the first turn;
@@ -367,9 +322,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
         const int r0 = tc.m0 + 64 * cw;  // first query row of this warpgroup
         const int qb = kQB == 1 ? 0 : qt & 1;
         // (the window's base re-derived here, not kept live from the top: at 160 registers ptxas spills it)
-        // (MC = 2: from sK instead; deriving it from the window here spills the window's 64-bit address)
-        const u32 q_base = (MC > 1 ? sK - Tr::kQBufs * Tr::kQBytes : ((smem_addr(smem) + 1023u) & ~1023u)) +
-                           qb * Tr::kQBytes + 64 * cw * 128;
+        const u32 q_base = ((smem_addr(smem) + 1023u) & ~1023u) + qb * Tr::kQBytes + 64 * cw * 128;
         // A warpgroup whose 64 rows lie before row 0 (in the first, partial block of a head) computes
         // nothing: it takes its turns and releases its slots (the producer and the other warpgroups count
         // on both) and moves on. (Through a shuffle: warp-uniform for the compiler.)
@@ -382,8 +335,8 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
                     if (it > 0) mbar_wait(v_full(sp), ((g + it - 1) / STAGES) & 1);
                     turn_begin();
                     turn_end();
-                    if (it < n_iter) release_kv(k_empty(s));
-                    if (it > 0) release_kv(v_empty(sp));
+                    if (it < n_iter) release(k_empty(s));
+                    if (it > 0) release(v_empty(sp));
                 }
                 release(q_empty(qb));
                 g += n_iter;
@@ -429,10 +382,6 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
         // corr = the factor by which O (still accumulating the previous tiles) must be rescaled.
         auto softmax = [&](float (&sacc)[BN / 2], int it, float (&corr)[2]) {
             const int k0 = (nb_hi - 1 - it) * BN;
-#ifdef CUFLASH_SM90_PROBE_NOSOFTMAX
-            corr[0] = corr[1] = 1.f;
-            return;
-#endif
             if (transform) {  // rare features: uniform branches
                 if (p.softcap > 0.f) {
                     const float cap_in = p.scale / p.softcap, cap_out = p.softcap * CUFLASH_LOG2E;
@@ -563,7 +512,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
                 turn_end();
                 wgmma_wait<0>();
                 fence_regs<BN / 2>(sacc);
-                release_kv(k_empty(s));
+                release(k_empty(s));
                 release_q_after_qk(0);
                 softmax(sacc, 0, corr);  // O is still 0: no rescale
                 pack_p(sacc, 0, pf);
@@ -583,7 +532,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
                     wgmma_wait<0>();
                     fence_regs<D / 2>(o);
                     fence_regs<kPS * 4>(&pf[0][0]);
-                    release_kv(v_empty(sp));
+                    release(v_empty(sp));
                     mbar_wait(k_full(s), ((g + it) / STAGES) & 1);
                     wgmma_fence();
                     issue_qk(sacc, s);
@@ -591,7 +540,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
                     turn_end();
                     wgmma_wait<0>();
                     fence_regs<BN / 2>(sacc);
-                    release_kv(k_empty(s));
+                    release(k_empty(s));
                     release_q_after_qk(it);
                     softmax(sacc, it, corr);
                     pack_p(sacc, it, pf);
@@ -623,8 +572,8 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
                     fence_regs<BN / 2>(sacc);
                     fence_regs<D / 2>(o);
                     fence_regs<kPS * 4>(&pf[0][0]);
-                    release_kv(v_empty(sp));
-                    release_kv(k_empty(s));
+                    release(v_empty(sp));
+                    release(k_empty(s));
                     release_q_after_qk(it);
                     softmax(sacc, it, corr);
                     pack_p(sacc, it, pf);
@@ -655,13 +604,13 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
                     turn_end();
                     wgmma_wait<1>();  // S(it) is done; P V may still run
                     fence_regs<BN / 2>(sacc);
-                    release_kv(k_empty(s));
+                    release(k_empty(s));
                     release_q_after_qk(it);
                     softmax(sacc, it, corr);
                     wgmma_wait<0>();
                     fence_regs<D / 2>(o);
                     fence_regs<kPS * 4>(&pf[0][0]);
-                    release_kv(v_empty(sp));
+                    release(v_empty(sp));
                     settle_rescale(corr);
                     pack_p(sacc, it, pf);
                 }
@@ -678,7 +627,7 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
                 wgmma_wait<0>();
                 fence_regs<D / 2>(o);
                 fence_regs<kPS * 4>(&pf[0][0]);
-                release_kv(v_empty(sp));
+                release(v_empty(sp));
             }
             g += n_iter;
         }
@@ -740,24 +689,6 @@ __device__ __forceinline__ void fwd_sm90_body(const Params& p, const sm90::TmaMa
     }
     if (PINGPONG && cw == 0) named_bar_sync(kBarPingPong, 256);  // the last consumer's final hand-over
     if (PERSIST && Tr::kOwnO && (warp & 3) == 0 && lane == 0) tma_store_wait_read();
-    // MC = 2: the other block's consumers may still arrive on this block's empty barriers.
-    if constexpr (MC > 1) cluster::sync_all_unconverged();
-}
-
-template <typename T, int D, int BN, int STAGES, int NWG, bool PINGPONG, int SCHED, int PERSIST,
-          bool DROPOUT = false>
-__global__ void __launch_bounds__(128 * (NWG + 1), 1)
-fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps maps) {
-    fwd_sm90_body<T, D, BN, STAGES, NWG, PINGPONG, SCHED, PERSIST, DROPOUT, 1>(p, maps);
-}
-
-// K / V multicast over clusters of two blocks (MC = 2 above; the host takes it for calls without a causal
-// mask or window).
-template <typename T, int D, int BN, int STAGES, int NWG, bool PINGPONG, int SCHED, int PERSIST,
-          bool DROPOUT = false>
-__global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128 * (NWG + 1), 1)
-fwd_sm90_mc(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps maps) {
-    fwd_sm90_body<T, D, BN, STAGES, NWG, PINGPONG, SCHED, PERSIST, DROPOUT, 2>(p, maps);
 }
 
 }  // namespace cuflash

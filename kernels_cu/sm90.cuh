@@ -56,16 +56,6 @@ __device__ __forceinline__ void tma_load_4d(u32 dst, const TmaDesc* map, int c0,
         ::"r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
         : "memory");
 }
-// The same box into shared memory at offset `dst` of every block of the cluster in `mask` (bit r: rank r),
-// completing on the mbarrier at offset `bar` of each of them.
-__device__ __forceinline__ void tma_load_4d_multicast(u32 dst, const TmaDesc* map, int c0, int c1, int c2, int c3,
-                                                      u32 bar, unsigned short mask) {
-    asm volatile(
-        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-        " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;"
-        ::"r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "h"(mask)
-        : "memory");
-}
 // Shared memory at `src` into the box at (c0 .. c3); out-of-bounds elements are not written.
 __device__ __forceinline__ void tma_store_4d(const TmaDesc* map, int c0, int c1, int c2, int c3, u32 src) {
     asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];"

@@ -149,43 +149,6 @@ def test_strided_bhsd(dtype, d):
     check(dtype, 2, 300, 400, 4, 2, d, layout="bhsd")
 
 
-@pytest.mark.parametrize("persist", [True, False])
-@pytest.mark.parametrize("d", [128, 256])
-def test_multicast_clusters(d, persist):
-    """K / V multicast over clusters of two blocks (fwd_sm90_mc): an odd number of query blocks per head
-    (the pair's second block lies before row 0 and computes nothing), one block per head, partial key
-    tiles, GQA, ALiBi and softcap (they keep every key), more tiles than SMs (the static schedule loops),
-    float16; a causal or windowed call given this tile runs without clusters (and must be exact)."""
-    tile = replace(_launch_sm90.tile_for(d), cluster=2, persist=persist)
-    check("bfloat16", 2, 777, 1333, 4, 2, d, tile=tile)
-    check("float16", 3, 1024, 1000, 2, 1, d, tile=tile)
-    check("bfloat16", 1, 100, 2049, 3, 3, d, tile=tile)
-    check("bfloat16", 4, 1100, 300, 4, 4, d, tile=tile)  # 160 tiles (10 per head, padded from 9)
-    check("bfloat16", 2, 300, 411, 3, 3, d, alibi="batch_heads", tile=tile)
-    check("float16", 2, 257, 300, 2, 2, d, softcap=20.0, input_scale=3.0, tile=tile)
-    check("bfloat16", 2, 500, 700, 2, 2, d, causal=True, tile=tile)
-    check("bfloat16", 2, 500, 700, 2, 2, d, window=(100, 20), tile=tile)
-
-
-def test_multicast_deterministic():
-    """The cluster kernels exchange slots between two blocks: repeated calls must give the same bits."""
-    rng = np.random.default_rng()
-    q, k, v = (cupy.asarray(randn(rng, (4, 1536, 16, 128), "bfloat16").astype(NP_DTYPES["bfloat16"]))
-               for _ in range(3))
-    tile = replace(_launch_sm90.tile_for(128), cluster=2)
-    first = None
-    for _ in range(4):
-        out = cupy.full(q.shape, np.nan, q.dtype)
-        lse = cupy.full((4, 16, 1536), np.nan, cupy.float32)
-        _launch_sm90.forward_sm90(make_run(q, k, v, out, lse, "bfloat16"), tile)
-        got = (cupy.asnumpy(out).view(np.uint16), cupy.asnumpy(lse))
-        assert not np.isnan(got[1]).any()
-        if first is None:
-            first = got
-        else:
-            assert (got[0] == first[0]).all() and (got[1] == first[1]).all()
-
-
 # Kernel variants beside the table's choice (benchmarks/NOTES.md measures them): each must be exact too.
 VARIANTS = {
     "persist": lambda t: replace(t, persist=True),        # d192 / d256: output staged in the Q tile
