@@ -8,7 +8,8 @@ that clock and thermal drift fall on all of them alike, and the order turns by o
 fixed order measured the one timed last a few percent faster); the table gives the median over the rounds,
 TFLOP/s in FlashAttention's convention (bf16, 16k tokens, hidden 2048). A variant is a full Sm90Tile
 and runs only on cells of its head-dim bucket (one label may name one tile per bucket; "cuflash" is the
-table's choice). Every output is checked against torch's flash backend (max abs difference, printed).
+table's choice); 'LABEL=Sm90Tile(...)|NAME=V,...' also compiles it with those -D switches
+(CUFLASH_NVRTC_DEFINES). Every output is checked against torch's flash backend (max abs difference).
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def main(argv=None) -> int:
     import cuflash
     from cuflash import _api, _launch_sm90
 
-    variants = []  # (label, tile): one label may name a tile per head-dim bucket
+    variants = []  # (label, tile, -D switches): one label may name a tile per head-dim bucket
     for spec in args.variant:
-        label, _, expr = spec.partition("=")
-        variants.append((label, eval(expr, {"Sm90Tile": _launch_sm90.Sm90Tile})))  # noqa: S307
+        label, _, rest = spec.partition("=")
+        expr, _, defines = rest.partition("|")
+        variants.append((label, eval(expr, {"Sm90Tile": _launch_sm90.Sm90Tile}), defines))  # noqa: S307
     tiles0, wide0 = dict(_launch_sm90.SM90_FORWARD_TILES), dict(_launch_sm90.SM90_WIDE_TILES)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.rounds} rounds")
     os.environ["CUFLASH_DISABLE_SM90"] = "0"
@@ -59,13 +61,16 @@ def main(argv=None) -> int:
         q, k, v = (torch.randn(b, s, h, hd, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         data[(hd, causal, s)] = (q, k, v)
 
-    def with_tile(tile, fn):
+    def with_tile(tile, defines, fn):
         _launch_sm90.SM90_WIDE_TILES.clear()  # the variant replaces the bucket's tile (wide ones too)
         _launch_sm90.SM90_FORWARD_TILES[tile.headdim_bucket] = tile
         _api.clear_plan_cache()
+        before = os.environ.get("CUFLASH_NVRTC_DEFINES", "")
+        os.environ["CUFLASH_NVRTC_DEFINES"] = defines or before  # the variant's compile-time switches
         try:
             return fn()
         finally:
+            os.environ["CUFLASH_NVRTC_DEFINES"] = before
             _launch_sm90.SM90_FORWARD_TILES.update(tiles0)
             _launch_sm90.SM90_WIDE_TILES.update(wide0)
             _api.clear_plan_cache()
@@ -83,9 +88,9 @@ def main(argv=None) -> int:
                 impls[name] = (peer, None)
             impls["cuflash"] = (lambda: cuflash.attention(q, k, v, causal=causal), None)
             bucket = _launch_sm90.tile_for(hd).headdim_bucket
-            for label, tile in variants:
+            for label, tile, defines in variants:
                 if tile.headdim_bucket == bucket:
-                    impls[label] = (lambda: cuflash.attention(q, k, v, causal=causal), tile)
+                    impls[label] = (lambda: cuflash.attention(q, k, v, causal=causal), (tile, defines))
             ref = None
             order = list(impls.items())
             order = order[:1] + order[1:][r % (len(order) - 1):] + order[1:][:r % (len(order) - 1)]  # fa2 first
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
                 def timed(fn=fn):
                     o = fn()
                     return o, do_bench(fn, warmup=10, rep=args.rep, return_mode="median")
-                o, ms = with_tile(tile, timed) if tile is not None else timed()
+                o, ms = with_tile(*tile, timed) if tile is not None else timed()
                 if name == "fa2":
                     ref = o.transpose(1, 2)
                 elif r == 0 and name not in ("cudnn",):

@@ -313,7 +313,7 @@ def get_function(filename: str, name_expression: str, device_id: int, dynamic_sm
     ``attributes``: (CUfunction_attribute, value) pairs set on the function through the driver (e.g.
     ``FUNC_ATTR_NON_PORTABLE_CLUSTER``, 1: clusters above the portable 8 blocks).
     """
-    fkey = (filename, name_expression, device_id)
+    fkey = (filename, name_expression, device_id, _dev_defines())  # (A / B builds with -D switches apart)
     fn = _functions.get(fkey)
     if fn is None:
         import cupy

@@ -30,7 +30,8 @@ class Sm90Tile:
     consumers: int = 2       # consumer warpgroups of 64 query rows each (2 or 3)
     pingpong: bool = True    # consumers take turns issuing MMAs (named barriers)
     sched: int = 2           # consumer order per tile: 0 serial, 1 overlap, 2 batched, 3 / 4 = 1 / 2 with
-                             # O's rescale deferred to the next turn (fwd_sm90.cu kSched*)
+                             # O's rescale deferred to the next turn, 5 = 3 with P V's wait held behind
+                             # the softmax (fwd_sm90.cu kSched*)
     persist: bool = True     # min(tiles, SMs) blocks loop over work tiles (atomic tile counter)
     q_bufs: int = 2          # persistent: Q buffers asked for (2: the next tile's Q loads as soon as the
                              # tile is claimed), granted where they fit beside the output buffer
@@ -88,10 +89,13 @@ class Sm90Tile:
 #   d256: BN 80, 2 stages, ping-pong, batched: 638 / 604 (serial 604 / 633; BN 64: 624 / 600); late
 #         rescale (sched 4) +1.3% median over 6 cells (session 9: 651 vs 630 at 4k)
 #   d192: not measured (BN 96 fits the same registers and 193 KB).
+# Session 13: the schedules 1 / 3 never overlapped the softmax with the warpgroup's own P V (ptxas hoisted
+# the wait for it to the top of the softmax); sched 5 holds it back. d128 and d64 (three consumers) take
+# it: median +1.5% over 15 / 8 cells (interleaved rounds, an A / A control beside). d256 spills with it.
 SM90_FORWARD_TILES = {
     64: Sm90Tile(64, 128, 3),                    # 145 KB (two Q buffers); the table takes the wide tile
     # two Q buffers (225 KB): +0-3% over one (session 12, 3 cells, 6 rounds in turned order)
-    128: Sm90Tile(128, 128, 2, sched=3),         # 225 KB; intra-warpgroup overlap, late O rescale
+    128: Sm90Tile(128, 128, 2, sched=5),         # 225 KB; intra-warpgroup overlap, late O rescale
     192: Sm90Tile(192, 96, 2, persist=False),    # 193 KB
     # overlap order + late rescale (sched 3): +2.6-3.5% over the batched one (sched 4) in 3 cells (session 12)
     256: Sm90Tile(256, 80, 2, sched=3, persist=False),  # 225 KB
@@ -105,7 +109,7 @@ SM90_FORWARD_TILES = {
 # sequence's end and warpgroups before row 0 compute nothing (session 12), three consumers win there too:
 # causal 512 / 1k 223 / 309 vs two consumers' 216 / 291, 2k 386 vs 347 (5 interleaved rounds).
 SM90_WIDE_TILES = {
-    64: Sm90Tile(64, 128, 3, consumers=3),       # 169 KB (two Q buffers)
+    64: Sm90Tile(64, 128, 3, consumers=3, sched=5),  # 169 KB (two Q buffers)
 }
 # Dropout: the keep bits are drawn per 32 keys (philox.cuh's DropoutFrag: the four lanes of a quad split
 # the n8 tiles), so the key tile must be a multiple of 32; d256's BN 80 tile takes BN 64 then (1 block per
@@ -124,13 +128,17 @@ def tile_for(headdim: int) -> Sm90Tile:
 # The three-consumer DROPOUT kernel (160 registers) spills 12 bytes under NVRTC 13.5 since the session-12
 # changes (end-aligned blocks, two Q buffers); d64 dropout runs on two consumers (spill-free in 13.0 / 13.5).
 DROPOUT_CONSUMERS = {64: 2}
+# The dropout kernels keep the schedules they were measured with (sessions 11 / 12): sched 5 (session 13)
+# was timed without dropout only.
+DROPOUT_SCHED = {64: 2, 128: 3}
 
 
 def dropout_tile(tile: Sm90Tile) -> Sm90Tile:
     """The DROPOUT variant of ``tile`` (with a key tile of a multiple of 32 keys)."""
     bn = DROPOUT_BLOCK_N.get(tile.headdim_bucket, tile.block_n)
     nwg = min(tile.consumers, DROPOUT_CONSUMERS.get(tile.headdim_bucket, tile.consumers))
-    return replace(tile, block_n=bn, consumers=nwg, dropout=True)
+    sched = DROPOUT_SCHED.get(tile.headdim_bucket, tile.sched)
+    return replace(tile, block_n=bn, consumers=nwg, sched=sched, dropout=True)
 
 
 def choose(run) -> Sm90Tile:

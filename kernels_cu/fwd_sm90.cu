@@ -34,6 +34,11 @@
 //     The key tile must hold a multiple of 32 keys (BN = 128, 96, 64: the host picks such a tile).
 //
 // Not here (the host routes these to fwd_sm80.cu): split-KV, packed GQA for decoding.
+//
+// Probes, for measurements only (set through CUFLASH_NVRTC_DEFINES; the results are wrong): with
+// CUFLASH_SM90_PROBE_NOKV the producer marks the K / V slots full without loading them (no L2 / HBM traffic
+// for K and V); with CUFLASH_SM90_PROBE_NOSOFTMAX the softmax is skipped (the scores go to P as they are).
+// benchmarks/probe_fwd_sm90.sh times them.
 #include "mask.cuh"
 #include "philox.cuh"
 #include "mma.cuh"
@@ -96,6 +101,12 @@ constexpr int kSchedBatched = 2;  // O += P(j-1) V(j-1), S(j) in one commit grou
 // S(j) and that of P(j-1) V(j-1) (while S(j) is in the tensor cores) instead of after the softmax.
 constexpr int kSchedOverlapLate = 3;
 constexpr int kSchedBatchedLate = 4;
+// 5: 3 with the wait for P(j-1) V(j-1) held behind the softmax of S(j). Without it ptxas hoists that wait
+// (wgmma.wait_group 0) to the top of the softmax, so that the softmax never runs beside the warpgroup's own
+// P V (seen in the SASS of 3: WARPGROUP.DEPBAR.LE gsb0, 0x0 before the first MUFU.EX2; Nsight Compute put
+// 10% of the d128 kernel's stall samples on it). It keeps P(j-1) and S(j) live together: d128 fits, d256
+// (O alone is 128 registers) spills.
+constexpr int kSchedOverlapPinned = 5;
 constexpr int kBarEpilogue = 8;  // named barriers 8 .. 8 + NWG - 1: one per consumer warpgroup
 
 // Key tiles visited for the query rows m0 .. m0 + bm - 1: nb_hi - 1 down to nb_lo (any row of the block
@@ -150,7 +161,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
     constexpr int kKS = D / 16;   // k-steps of S = Q K^T
     constexpr int kPS = BN / 16;  // k-steps of O += P V
     constexpr int kConsumerWarps = 4 * NWG;
-    constexpr bool kLate = SCHED == kSchedOverlapLate || SCHED == kSchedBatchedLate;
+    constexpr bool kLate = SCHED == kSchedOverlapLate || SCHED == kSchedBatchedLate || SCHED == kSchedOverlapPinned;
     static_assert(!DROPOUT || kNT % 4 == 0, "dropout: the quad splits the n8 tiles four ways (BN % 32 == 0)");
     extern __shared__ __align__(1024) unsigned char smem[];
     __shared__ __align__(8) u64 bars[Tr::kBars];
@@ -246,17 +257,25 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     const u32 ph = (g / STAGES) & 1;
                     const int k0 = (nb_hi - 1 - it) * BN;
                     if (g >= STAGES) mbar_wait(k_empty(s), ph ^ 1);
+#ifdef CUFLASH_SM90_PROBE_NOKV
+                    mbar_arrive(k_full(s));
+#else
                     mbar_arrive_expect_tx(k_full(s), Tr::kKVBytes);
 #pragma unroll
                     for (int c = 0; c < Tr::kChunks; ++c)
                         tma_load_4d(sK + s * Tr::kKVBytes + c * (BN * 128), &maps.k, c * 64, hk, k0, tc.b, k_full(s));
+#endif
                     // One Q buffer: Q behind the first K tile, which may already stream while Q frees up.
                     if (kQB == 1 && it == 0) load_q();
                     if (g >= STAGES) mbar_wait(v_empty(s), ph ^ 1);
+#ifdef CUFLASH_SM90_PROBE_NOKV
+                    mbar_arrive(v_full(s));
+#else
                     mbar_arrive_expect_tx(v_full(s), Tr::kKVBytes);
 #pragma unroll
                     for (int c = 0; c < Tr::kChunks; ++c)
                         tma_load_4d(sV + s * Tr::kKVBytes + c * (BN * 128), &maps.v, c * 64, hk, k0, tc.b, v_full(s));
+#endif
                 }
                 if (!PERSIST) break;
                 // The next tile is claimed only now, with this one's loads issued (the consumers are at
@@ -382,6 +401,10 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
         // corr = the factor by which O (still accumulating the previous tiles) must be rescaled.
         auto softmax = [&](float (&sacc)[BN / 2], int it, float (&corr)[2]) {
             const int k0 = (nb_hi - 1 - it) * BN;
+#ifdef CUFLASH_SM90_PROBE_NOSOFTMAX
+            corr[0] = corr[1] = 1.f;
+            return;
+#endif
             if (transform) {  // rare features: uniform branches
                 if (p.softcap > 0.f) {
                     const float cap_in = p.scale / p.softcap, cap_out = p.softcap * CUFLASH_LOG2E;
@@ -607,6 +630,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     release(k_empty(s));
                     release_q_after_qk(it);
                     softmax(sacc, it, corr);
+                    if constexpr (SCHED == kSchedOverlapPinned) block_boundary_after(row_l[0]);
                     wgmma_wait<0>();
                     fence_regs<D / 2>(o);
                     fence_regs<kPS * 4>(&pf[0][0]);

@@ -108,6 +108,12 @@ __device__ __forceinline__ void fence_regs(u32* r) {
     for (int i = 0; i < N; ++i) asm volatile("" : "+r"(r[i])::"memory");
 }
 
+// Ends the basic block on a branch that depends on `x` (never taken: x is a sum of exponentials, >= 0 or
+// NaN), so that ptxas cannot schedule what follows (a wgmma wait) above the code that computes x.
+__device__ __forceinline__ void block_boundary_after(float x) {
+    if (__any_sync(0xffffffffu, x < 0.f)) __trap();
+}
+
 // Shared-memory matrix descriptor, 128-byte swizzle (mode 1 in bits 62-63). `addr` is the shared
 // address of the first element; lbo / sbo are the leading / stride byte offsets (PTX ISA, "Matrix
 // Descriptor Format"). The swizzle atoms (8 rows x 128 bytes) must start on 1024-byte boundaries.

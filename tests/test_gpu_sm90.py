@@ -158,10 +158,12 @@ VARIANTS = {
     "overlap": lambda t: replace(t, sched=1),
     "overlap-late": lambda t: replace(t, sched=3),      # O's rescale deferred to the next turn
     "batched-late": lambda t: replace(t, sched=4),
+    "overlap-pinned": lambda t: replace(t, sched=5),    # 3 with P V's wait held behind the softmax
     "no-pingpong": lambda t: replace(t, pingpong=False),
     "three-consumers": lambda t: replace(t, consumers=3, persist=True, sched=2),
     "three-consumers-1blk": lambda t: replace(t, consumers=3, persist=False, sched=2),
     "three-consumers-overlap": lambda t: replace(t, consumers=3, persist=True, sched=1),
+    "three-consumers-pinned": lambda t: replace(t, consumers=3, persist=True, sched=5),
 }
 
 
