@@ -57,8 +57,8 @@ DEFAULT_SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_HEADDIMS = (128,)
 QUICK_SEQLENS = (1024, 4096)
 
-IMPLS = ("cuflash", "cuflash-det", "cuflash-drop", "cuflash-cupy", "cuflash-nodecode", "torch-fa2", "torch-fa2-drop",
-         "torch-cudnn", "torch-memeff", "jax-cudnn")
+IMPLS = ("cuflash", "cuflash-det", "cuflash-drop", "cuflash-cupy", "cuflash-nodecode", "cuflash-sm80",
+         "cuflash-portable", "torch-fa2", "torch-fa2-drop", "torch-cudnn", "torch-memeff", "jax-cudnn")
 DEFAULT_IMPLS = ("cuflash", "cuflash-det", "torch-fa2", "torch-cudnn", "torch-memeff", "jax-cudnn")
 # Peers first, so that their output is there to check cuflash against.
 MEASURE_ORDER = ("torch-fa2", "torch-fa2-drop", "torch-memeff", "torch-cudnn", "cuflash", "cuflash-det",
@@ -86,7 +86,7 @@ DET_BAR, DROP_BAR, DROP_VS_FA2_BAR = 0.8, 0.8, 1.0   # the open issues' bars
 DROP_BAR_HEADDIMS, DROP_BAR_SEQLENS = (64, 128), (2048, 16384)   # where the cuflash-drop/cuflash bar applies
 CHECK_TOL = {"fwd": 2e-2, "bwd": 5e-2}     # max|a - ref| / max|ref|, bf16/fp16 vs another bf16 kernel
 COLORS = {"cuflash": "tab:red", "cuflash-det": "tab:brown", "cuflash-drop": "darkred", "cuflash-cupy": "tab:pink",
-          "cuflash-nodecode": "tab:gray",
+          "cuflash-nodecode": "tab:gray", "cuflash-sm80": "tab:olive", "cuflash-portable": "tab:gray",
           "torch-fa2": "tab:blue", "torch-fa2-drop": "tab:cyan", "torch-cudnn": "tab:green",
           "torch-memeff": "tab:orange", "jax-cudnn": "tab:purple"}
 

@@ -2,8 +2,8 @@
 
     python benchmarks/bench_paths.py [--headdims 64,128,256] [--seqlens 512,1k,...] [--variants]
 
-Rows: cuflash on each path it has on this GPU (sm90: wgmma + TMA; sm80: mma.sync; the dispatcher is
-steered with CUFLASH_DISABLE_SM90 and a cleared plan cache), torch SDPA flash (FlashAttention-2) and
+Rows: cuflash on each path it has on this GPU (sm90: wgmma + TMA; sm80: mma.sync; with --portable the
+fp32 portable kernels too; the dispatcher is steered with CUFLASH_DISABLE_SM90 and a cleared plan cache), torch SDPA flash (FlashAttention-2) and
 cuDNN. ``--variants`` adds sm90 tile / technique variants (e.g. ping-pong off) for benchmarks/NOTES.md.
 FlashAttention's convention (PERF.md): bf16, batch x seqlen = 16k tokens, hidden 2048, TFLOP/s =
 4 B H S^2 D (halved for causal) / median time (triton.testing.do_bench, CUDA events). Each cuflash
@@ -36,6 +36,9 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", action="append", default=[], metavar="LABEL=DICT",
                     help="extra sm90 variant: LABEL={bucket: Sm90Tile(...), 'wide': {bucket: Sm90Tile(...)}} "
                          "(Sm90Tile and replace in scope); repeatable")
+    ap.add_argument("--portable", action="store_true",
+                    help="also time the portable path (fp32 math, no tensor cores; the sm90 and sm80 paths "
+                         "turned off for that row)")
     ap.add_argument("--rep", type=int, default=60)
     ap.add_argument("--outdir", default=os.environ.get("OUT", "bench_out"))
     args = ap.parse_args(argv)
@@ -46,7 +49,7 @@ def main(argv=None) -> int:
     from triton.testing import do_bench
 
     import cuflash
-    from cuflash import _api, _launch_sm90
+    from cuflash import _api, _launch_sm80, _launch_sm90
 
     dt = getattr(torch, args.dtype)
     cap = torch.cuda.get_device_capability()
@@ -90,8 +93,11 @@ def main(argv=None) -> int:
                     except Exception as e:  # a missing backend is reported, not fatal
                         res[impl] = (None, f"{type(e).__name__}: {str(e)[:80]}")
 
-                def run_cuflash(label, disable_sm90, tiles=None):
+                def run_cuflash(label, disable_sm90, tiles=None, portable=False):
                     os.environ["CUFLASH_DISABLE_SM90"] = "1" if disable_sm90 else "0"
+                    sm80_supports = _launch_sm80.supports
+                    if portable:  # the dispatcher falls back to the portable kernels
+                        _launch_sm80.supports = lambda run: False
                     if tiles is not None:  # the variant's tiles over the table's
                         tiles = dict(tiles)
                         _launch_sm90.SM90_WIDE_TILES.update(tiles.pop("wide", {}))
@@ -105,12 +111,15 @@ def main(argv=None) -> int:
                     except Exception as e:
                         res[label] = (None, f"{type(e).__name__}: {str(e)[:80]}")
                     finally:
+                        _launch_sm80.supports = sm80_supports
                         _launch_sm90.SM90_FORWARD_TILES.clear()
                         _launch_sm90.SM90_FORWARD_TILES.update(tiles0)
                         _launch_sm90.SM90_WIDE_TILES.clear()
                         _launch_sm90.SM90_WIDE_TILES.update(wide0)
 
                 run_cuflash("cuflash", False)
+                if args.portable:
+                    run_cuflash("cuflash-portable", True, portable=True)
                 if cap == (9, 0):
                     run_cuflash("cuflash-sm80", True)
                     for label, tiles in variants.items():

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Re-draw the plots of ``bench_attention.py`` from the CSV files it wrote (no GPU needed).
+"""Re-draw the plots of ``bench_attention.py`` (and ``bench_paths.py``) from their CSV files (no GPU needed).
 
     python benchmarks/plot.py bench_out/bench_results.csv                 # attention_hd{64,128,256}.png
     python benchmarks/plot.py bench_out/bench_results_decode.csv          # decode.png
     python benchmarks/plot.py run1/bench_results.csv --outdir figs --prefix run1
+    python benchmarks/plot.py bench_out/bench_paths.csv                   # fwd_paths_hd{64,128,256}.png
 
 Grid CSV: one PNG per head dim (TFLOP/s vs seqlen, a panel per mode, solid = non-causal,
 dashed = causal). Decode CSV: achieved GB/s vs seqlen_k per batch size, with the device copy
@@ -47,6 +48,11 @@ def main(argv=None) -> int:
         if not rows:
             print(f"{path}: no rows")
             status = 1
+        elif "mode" not in rows[0] and "impl" in rows[0] and "tflops" in rows[0]:  # bench_paths.py (forward)
+            for r in rows:
+                r.update(mode="fwd", dtype="bf16", status="ok" if r.get("tflops") else "error")
+            files = ba.plot_grid(rows, outdir, prefix=args.prefix or "fwd_paths")
+            print(f"{path}: " + ", ".join(files))
         elif "mode" in rows[0]:
             files = ba.plot_grid(rows, outdir, prefix=args.prefix or "attention")
             print(f"{path}: " + ", ".join(files))
