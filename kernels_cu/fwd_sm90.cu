@@ -337,7 +337,7 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
         const int h = tc.h, b = tc.b;
         int nb_lo, nb_hi;
         key_tile_range<BN>(tc.m0, kBM, sq, sk, wl, wr, nb_lo, nb_hi);
-        const int n_iter = nb_hi - nb_lo;
+        int n_iter = nb_hi - nb_lo;  // (this warpgroup's own range once leading masked tiles are cut, below)
         const int r0 = tc.m0 + 64 * cw;  // first query row of this warpgroup
         const int qb = kQB == 1 ? 0 : qt & 1;
         // (the window's base re-derived here, not kept live from the top: at 160 registers ptxas spills it)
@@ -364,9 +364,31 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
             if (!PERSIST) break;
             continue;
         }
+        const int r_hi = min(r0 + 63, sq - 1);
+        // Leading key tiles (the block's highest keys: they are visited first) that lie wholly past the
+        // last key of every row of this warpgroup (a causal or right-window edge inside the block, e.g.
+        // the top 64 rows of a 128-row block under an 80-key tile): the warpgroup takes one turn per such
+        // tile, releases its K and V slots and computes the rest of the range (at least one tile, so
+        // that rows without any key still get their zeros and -inf from the usual path).
+        if (wr >= 0) {  // (no right edge: every row keeps the block's last key)
+            const int key_hi_w = wr < 0 ? sk - 1 : min(sk - 1, r_hi + shift + wr);
+            int skip = key_hi_w < 0 ? n_iter - 1 : nb_hi - 1 - key_hi_w / BN;
+            skip = __shfl_sync(0xffffffffu, max(0, min(skip, n_iter - 1)), 0);  // (warp-uniform)
+            for (int it = 0; it < skip; ++it) {
+                const int s = (g + it) % STAGES;
+                mbar_wait(k_full(s), ((g + it) / STAGES) & 1);
+                mbar_wait(v_full(s), ((g + it) / STAGES) & 1);
+                turn_begin();
+                turn_end();
+                release(k_empty(s));
+                release(v_empty(s));
+            }
+            g += skip;
+            nb_hi -= skip;
+            n_iter -= skip;
+        }
         // Tiles that need the mask for some row of this warpgroup: keys past the smallest last_key or
         // before the largest first_key of its rows.
-        const int r_hi = min(r0 + 63, sq - 1);
         const int right_lim = wr < 0 ? sk - 1 : min(sk - 1, r0 + shift + wr);
         const int left_lim = wl < 0 ? 0 : r_hi + shift - wl;
 
