@@ -12,8 +12,11 @@
 //       S(j) = Q K(j)^T   wgmma, A = Q and B = K from shared memory (K-major, 128-byte swizzle),
 //       O += P(j-1) V(j-1) issued right behind it: P from registers as the A operand, V N-major,
 //       then the softmax of S(j) (SCHED picks the order and waits, see kSched*); O is rescaled by the
-//       new row maxima once P(j-1) V(j-1) has retired, or (the "late" schedules, the d128 / d256
-//       default) in the next turn, between the issue of S(j+1) and that of P(j) V(j).
+//       new row maxima once P(j-1) V(j-1) has retired, or (the "late" schedules, the d64 / d128 / d256
+//       default) in the next turn, between the issue of S(j+1) and that of P(j) V(j). Only schedule 5
+//       (d64, d128) really runs the softmax beside the warpgroup's own P V (see kSchedOverlapPinned).
+//     Under a causal mask or right window a warpgroup skips the block's leading key tiles that hold no
+//     key for any of its rows (it takes its turns and releases their slots).
 //     PINGPONG: the two consumers take turns issuing their MMAs (named barriers 1 and 2), so that one
 //     warpgroup's softmax overlaps the other's MMAs.
 //   * Shared memory: Q (128 x D) and the K / V slots (BN x D), each stored as D / 64 column blocks of
@@ -625,8 +628,9 @@ fwd_sm90(const __grid_constant__ Params p, const __grid_constant__ sm90::TmaMaps
                     settle_rescale(corr);
                 }
             } else {
-                // kSchedOverlap: S(it) issued, then O += P(it-1) V(it-1); the softmax of S(it) runs while
-                // the latter is still in the tensor cores. P(it) stays fp32 in sacc until P(it-1) V(it-1)
+                // kSchedOverlap (1, 3, 5): S(it) issued, then O += P(it-1) V(it-1); the softmax of S(it)
+                // runs while the latter is still in the tensor cores (5 only: in 1 / 3 ptxas moves the
+                // wait for it above the softmax). P(it) stays fp32 in sacc until P(it-1) V(it-1)
                 // has retired and only then overwrites the A fragments (ptxas serialises every wgmma of
                 // the kernel if registers an in-flight wgmma reads are written, e.g. by a second P
                 // buffer it coalesces with the first).
