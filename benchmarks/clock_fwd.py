@@ -19,11 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def parse_cell(s: str) -> tuple[int, bool, int]:
-    hd, c, n = s.split(":")
-    return int(hd), bool(int(c)), int(n[:-1]) * 1024 if n.endswith("k") else int(n)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab_fwd_sm90 import parse_cell  # noqa: E402  (HEADDIM:CAUSAL:SEQLEN)
 
 
 def main(argv=None) -> int:
