@@ -22,9 +22,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-import subprocess
-import tempfile
 
 import numpy as np
 import pytest
@@ -35,7 +32,8 @@ pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) n
 
 from cuflash import _launch_bwd_sm80 as L  # noqa: E402
 
-from .compile_util import ARCHS, compile_variants, requires_nvrtc as needs_nvrtc  # noqa: E402
+from .compile_util import ARCHS, compile_variants, sass_of_cubin, sass_via_ptxas  # noqa: E402
+from .compile_util import requires_nvrtc as needs_nvrtc  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024
 
@@ -143,56 +141,6 @@ def test_host_table_matches_kernel_traits():
 
 # ==== SASS ===========================================================================================
 
-def _tool(name):
-    exe = shutil.which(name)
-    if exe is None and os.path.exists(f"/usr/local/cuda/bin/{name}"):
-        exe = f"/usr/local/cuda/bin/{name}"
-    return exe
-
-
-def _sass_of_cubin(path):
-    exe = _tool("cuobjdump")
-    if exe is None:
-        return None
-    try:
-        res = subprocess.run([exe, "-sass", path], capture_output=True, text=True, timeout=120)
-    except Exception:
-        return None
-    return res.stdout if res.returncode == 0 and "Function" in res.stdout else None
-
-
-def _sass_via_ptxas(arch, name):
-    """NVRTC's PTX (same options) through a local ptxas: for a cuobjdump older than NVRTC's cubins.
-    The PTX .version is lowered to what that ptxas accepts (the kernels use no newer PTX feature)."""
-    ptxas, cuobjdump = _tool("ptxas"), _tool("cuobjdump")
-    if ptxas is None or cuobjdump is None:
-        return None
-    from cupy_backends.cuda.libs import nvrtc
-
-    opts = [o for o in _compile._options(arch, ()) if not o.startswith("-arch")]
-    opts.append("-arch=" + arch.replace("sm_", "compute_"))
-    prog = nvrtc.createProgram(_compile.build_source(L.FILE), L.FILE, [], [])
-    try:
-        nvrtc.addNameExpression(prog, name)
-        nvrtc.compileProgram(prog, opts)
-        ptx = nvrtc.getPTX(prog).rstrip(b"\0").decode()
-    finally:
-        nvrtc.destroyProgram(prog)
-    with tempfile.TemporaryDirectory() as td:
-        src, out = os.path.join(td, "k.ptx"), os.path.join(td, "k.cubin")
-        for _ in range(2):
-            with open(src, "w") as f:
-                f.write(ptx)
-            r = subprocess.run([ptxas, f"-arch={arch}", src, "-o", out], capture_output=True, text=True)
-            if r.returncode == 0:
-                return _sass_of_cubin(out)
-            m = re.search(r"current version is '(\d+\.\d+)'", r.stderr)
-            if not m:
-                return None
-            ptx = re.sub(r"^\.version \d+\.\d+", f".version {m.group(1)}", ptx, flags=re.M)
-    return None
-
-
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sass_uses_tensor_core_paths(compiled, arch):
@@ -200,7 +148,7 @@ def test_sass_uses_tensor_core_paths(compiled, arch):
     for (a, f, n), (r, path) in compiled.items():
         if a != arch or "bwd_sm80<" not in n:
             continue
-        sass = _sass_of_cubin(path) or _sass_via_ptxas(arch, n)
+        sass = sass_of_cubin(path) or sass_via_ptxas(arch, L.FILE, n)
         if sass is None:
             pytest.skip("no cuobjdump (or ptxas + cuobjdump) that reads these kernels on this machine")
         red = "REDG.E.ADD.F32x2" if arch == "sm_90a" else "RED.E.ADD.F32"

@@ -4,8 +4,11 @@ Every variant ``cuflash._launch_sm90.variants("sm_90a")`` lists compiles with no
 frame, with no serialised-wgmma message from ptxas (C75xx "wgmma.mma_async instructions are serialized":
 the tensor-core pipeline would be drained around each MMA), within the 227 KB shared-memory limit; no sm90 variant is listed for
 other architectures; and the generated wgmma wrappers (kernels_cu/wgmma_ops.cuh) are what
-``cuflash._gen_wgmma`` writes.
+``cuflash._gen_wgmma`` writes. Where a cuobjdump is found: the schedule-5 kernels wait for P V only
+after the softmax's exponentials (ptxas hoists that wait otherwise).
 """
+
+import re
 
 import pytest
 
@@ -15,7 +18,7 @@ pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) n
 
 from cuflash import _launch_sm90  # noqa: E402
 
-from .compile_util import compile_variants, requires_nvrtc  # noqa: E402
+from .compile_util import compile_variants, requires_nvrtc, sass_of_cubin, sass_via_ptxas  # noqa: E402
 
 SMEM_LIMIT = 227 * 1024
 
@@ -73,3 +76,30 @@ def test_every_variant_compiles_without_spills_or_serialised_wgmma():
         # wgmma of the kernel then waits for the previous one, silently 15-25% slower.
         bad = [ln for ln in log.splitlines() if "serialized" in ln or "Performance Loss" in ln]
         assert not bad, (n, bad)
+
+
+@requires_nvrtc
+def test_pinned_schedule_waits_for_pv_after_the_softmax():
+    """fwd_sm90.cu's schedule 5 (the d64 / d128 table): in the SASS of the key loop, the wait for the
+    warpgroup's own P V (WARPGROUP.DEPBAR.LE gsb0, 0x0 after the wait for S, ... 0x1) must come after
+    the softmax's MUFU.EX2: no exponential between it and the loop's next branch. ptxas hoists a plain
+    wgmma.wait_group above the softmax (fwd_sm90.cu, kSchedOverlapPinned), which silently turns the
+    intra-warpgroup overlap off."""
+    names = [n for f, n in _launch_sm90.variants("sm_90a") if ", 5, " in n]
+    assert names, "no schedule-5 kernel in the table"
+    checked = 0
+    for n in names:
+        c = _compile.compile_cubin(_launch_sm90.FILE, (n,), "sm_90a")
+        sass = sass_of_cubin(str(c.cubin_path), True) or sass_via_ptxas("sm_90a", _launch_sm90.FILE, n, True)
+        if sass is None:
+            pytest.skip("no cuobjdump (or ptxas + cuobjdump) that reads these kernels on this machine")
+        ins = re.findall(r"/\*[0-9a-f]{4,5}\*/\s+([^;]*);", sass)
+        waits = [i for i, x in enumerate(ins) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in x]
+        assert waits, n
+        for i in waits:
+            j = next(k for k in range(i + 1, len(ins)) if "WARPGROUP.DEPBAR.LE gsb0, 0x0" in ins[k])
+            end = next((k for k in range(j + 1, len(ins)) if re.search(r"\bBRA\b", ins[k])), len(ins))
+            between = sum("MUFU.EX2" in x for x in ins[j:end])
+            assert between == 0, (n, f"{between} exponentials after the wait for P V")
+        checked += 1
+    assert checked == len(names)
