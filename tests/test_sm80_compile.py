@@ -8,7 +8,6 @@ per-block limit. Compiles run in a process pool through the on-disk cache, one v
 exactly as ``get_function`` compiles them at run time.
 """
 
-import os
 import re
 
 import pytest
@@ -19,7 +18,7 @@ pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy (with NVRTC) n
 
 from cuflash import _launch_sm80  # noqa: E402
 
-from .compile_util import ARCHS, compile_variants, requires_nvrtc  # noqa: E402
+from .compile_util import ARCHS, compile_variants, requires_nvrtc, sass_of_cubin  # noqa: E402
 SMEM_LIMIT = 227 * 1024
 SMALL_SMEM_ARCH = "sm_86"  # 99 KB per block (sm86 / sm89 / sm120): the only GPUs that pick some tiles
 
@@ -128,24 +127,6 @@ def test_every_headdim_has_a_tile():
                 assert tile in _config.sm80_forward_tiles(drop)
 
 
-def _sass(path):
-    """SASS of a cubin through cuobjdump, or None when no cuobjdump that reads it is found."""
-    import shutil
-    import subprocess
-
-    exe = shutil.which("cuobjdump") or ("/usr/local/cuda/bin/cuobjdump"
-                                        if os.path.exists("/usr/local/cuda/bin/cuobjdump") else None)
-    if exe is None:
-        return None
-    try:
-        res = subprocess.run([exe, "-sass", path], capture_output=True, text=True, timeout=120)
-    except Exception:
-        return None
-    if res.returncode != 0 or "Function" not in res.stdout:
-        return None
-    return res.stdout
-
-
 def test_sass_uses_tensor_core_paths(compiled):
     """Where a cuobjdump that reads NVRTC's cubins is installed: HMMA, LDSM (ldmatrix, .trans too),
     LDGSTS (cp.async) and 128-bit global stores are in the forward kernels."""
@@ -153,7 +134,7 @@ def test_sass_uses_tensor_core_paths(compiled):
     for (arch, f, n), (r, path) in compiled.items():
         if f != "fwd_sm80.cu":
             continue
-        sass = _sass(path)
+        sass = sass_of_cubin(path)
         if sass is None:
             pytest.skip("no cuobjdump that reads these cubins on this machine")
         for op in ("HMMA.16816.F32", "LDSM.16.M88.4", "LDSM.16.MT88.4", "LDGSTS.E.BYPASS.128", "STG.E.128"):
