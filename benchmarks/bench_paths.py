@@ -3,7 +3,8 @@
     python benchmarks/bench_paths.py [--headdims 64,128,256] [--seqlens 512,1k,...] [--variants]
 
 Rows: cuflash on each path it has on this GPU (sm90: wgmma + TMA; sm80: mma.sync; with --portable the
-fp32 portable kernels too; the dispatcher is steered with CUFLASH_DISABLE_SM90 and a cleared plan cache), torch SDPA flash (FlashAttention-2) and
+fp32 portable kernels too; the dispatcher is steered with CUFLASH_DISABLE_SM90 / _SM80 and a cleared plan
+cache), torch SDPA flash (FlashAttention-2) and
 cuDNN. ``--variants`` adds sm90 tile / technique variants (e.g. ping-pong off) for benchmarks/NOTES.md.
 FlashAttention's convention (PERF.md): bf16, batch x seqlen = 16k tokens, hidden 2048, TFLOP/s =
 4 B H S^2 D (halved for causal) / median time (triton.testing.do_bench, CUDA events). Each cuflash
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     from triton.testing import do_bench
 
     import cuflash
-    from cuflash import _api, _launch_sm80, _launch_sm90
+    from cuflash import _api, _launch_sm90
 
     dt = getattr(torch, args.dtype)
     cap = torch.cuda.get_device_capability()
@@ -95,9 +96,7 @@ def main(argv=None) -> int:
 
                 def run_cuflash(label, disable_sm90, tiles=None, portable=False):
                     os.environ["CUFLASH_DISABLE_SM90"] = "1" if disable_sm90 else "0"
-                    sm80_supports = _launch_sm80.supports
-                    if portable:  # the dispatcher falls back to the portable kernels
-                        _launch_sm80.supports = lambda run: False
+                    os.environ["CUFLASH_DISABLE_SM80"] = "1" if portable else "0"
                     if tiles is not None:  # the variant's tiles over the table's
                         tiles = dict(tiles)
                         _launch_sm90.SM90_WIDE_TILES.update(tiles.pop("wide", {}))
@@ -111,7 +110,6 @@ def main(argv=None) -> int:
                     except Exception as e:
                         res[label] = (None, f"{type(e).__name__}: {str(e)[:80]}")
                     finally:
-                        _launch_sm80.supports = sm80_supports
                         _launch_sm90.SM90_FORWARD_TILES.clear()
                         _launch_sm90.SM90_FORWARD_TILES.update(tiles0)
                         _launch_sm90.SM90_WIDE_TILES.clear()
@@ -129,6 +127,7 @@ def main(argv=None) -> int:
                                 (bucket in wide and wide[bucket] != wide0.get(bucket)):
                             run_cuflash(label, False, tiles)
                 os.environ.pop("CUFLASH_DISABLE_SM90", None)
+                os.environ.pop("CUFLASH_DISABLE_SM80", None)
                 _api.clear_plan_cache()
                 for impl, (ms, note) in res.items():
                     rows.append({"headdim": hd, "causal": int(causal), "seqlen": s, "batch": b, "nheads": h,

@@ -11,6 +11,7 @@ import array
 import ctypes
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -378,7 +379,8 @@ def forward(run: Run) -> None:
     elif _launch_sm90.supports(run):
         run.path = "sm90"
     else:
-        run.path = "sm80" if _launch_sm80.supports(run) else "portable"
+        sm80 = os.environ.get("CUFLASH_DISABLE_SM80") != "1" and _launch_sm80.supports(run)
+        run.path = "sm80" if sm80 else "portable"
     _log.debug("cuflash: forward path=%s dtype=%s headdim=%d", run.path, run.dtype, run.headdim)
     if run.path == "decode":
         _launch_decode.forward_decode(run)

@@ -212,3 +212,19 @@ def test_path_logged_fp32_portable(caplog):
     with caplog.at_level(logging.DEBUG, logger="cuflash"):
         cuflash.attention(q, q, q)
     assert any("forward path=portable" in r.getMessage() for r in caplog.records)
+
+
+def test_disable_switches_reach_the_portable_path(caplog, monkeypatch):
+    """CUFLASH_DISABLE_SM90=1 + CUFLASH_DISABLE_SM80=1 (how benchmarks time the third path): a bf16 call
+    that would run on a tensor-core path takes the portable kernels, and is exact all the same."""
+    from cuflash import _api
+
+    monkeypatch.setenv("CUFLASH_DISABLE_SM90", "1")
+    monkeypatch.setenv("CUFLASH_DISABLE_SM80", "1")
+    _api.clear_plan_cache()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="cuflash"):
+            run_case("cupy", "bfloat16", 2, 300, 411, 4, 2, 128, causal=True)
+        assert any("forward path=portable" in r.getMessage() for r in caplog.records)
+    finally:
+        _api.clear_plan_cache()  # (no plan recorded under the switches outlives them)
